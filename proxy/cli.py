@@ -1,0 +1,115 @@
+"""Command line: metering-proxy serve | prices. main(argv) -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from proxy import config as config_mod
+from proxy.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metering-proxy", description="Metering proxy for LLM APIs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8787)")
+    serve.add_argument("--upstream", help="upstream base URL including /v1 (default https://api.openai.com/v1)")
+    serve.add_argument("--runs-dir", help="directory for runs/<run-id>.jsonl (default ./runs)")
+
+    prices = sub.add_parser("prices", help="inspect or refresh the price table")
+    psub = prices.add_subparsers(dest="prices_command", required=True)
+    update = psub.add_parser("update", help="download the current LiteLLM price table into the cache")
+    update.add_argument("--url", help="where to download it from")
+    lookup = psub.add_parser("lookup", help="show which price entry a model matches")
+    lookup.add_argument("model")
+    lookup.add_argument("--upstream", help="upstream name (for custom prices and provider hints)")
+    lookup.add_argument("--config", type=Path, help="YAML config file (custom prices, price file)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _prices(args)
+    except ConfigError as exc:
+        print(f"metering-proxy: {exc}", file=sys.stderr)
+        return 2
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    cfg = config_mod.load(args.config)
+    if args.command == "serve":
+        cfg = config_mod.with_overrides(
+            cfg, host=args.host, port=args.port, upstream=args.upstream, runs_dir=args.runs_dir
+        )
+    return cfg
+
+
+def _pricebook(cfg: config_mod.Config) -> object | None:
+    try:
+        from proxy.pricing import PriceBook
+    except ImportError:  # pricing not built yet
+        return None
+    try:
+        return PriceBook.load(cfg.prices_file, cfg.custom_prices)
+    except ValueError as exc:
+        raise ConfigError(f"config: prices.file: {exc}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from proxy.app import make_app
+
+    cfg = _load(args)
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    pricebook = _pricebook(cfg)
+    app = make_app(cfg, pricebook)
+    upstreams = ", ".join(f"{u.name}={u.base_url}" for u in cfg.upstreams)
+    print(
+        f"metering-proxy listening on http://{cfg.host}:{cfg.port}/v1 -> forwarding to {upstreams};"
+        f" records in {cfg.runs_dir.resolve()}/<run-id>.jsonl",
+        flush=True,
+    )
+    web.run_app(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=cfg.shutdown_grace_s,
+        handler_cancellation=True,
+        max_field_size=cfg.max_header_bytes,
+        max_line_size=cfg.max_header_bytes,
+    )
+    return 0
+
+
+def _prices(args: argparse.Namespace) -> int:
+    from proxy import pricing
+
+    if args.prices_command == "update":
+        ok, message = pricing.update_prices(args.url or pricing.DEFAULT_PRICES_URL)
+        print(message)
+        return 0 if ok else 1
+    cfg = config_mod.load(args.config)
+    book = pricing.PriceBook.load(cfg.prices_file, cfg.custom_prices)
+    provider = None
+    for u in cfg.upstreams:
+        if u.name == args.upstream:
+            from proxy import providers
+
+            provider = u.provider or providers.from_url(u.base_url)
+    print(book.lookup_text(args.model, upstream=args.upstream, provider=provider))
+    return 0

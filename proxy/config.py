@@ -1,0 +1,267 @@
+"""The proxy's configuration: frozen dataclasses read from YAML, checked key by key."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
+PROVIDERS = frozenset(
+    {
+        "openai", "anthropic", "ollama", "llamacpp", "vllm", "lmstudio", "jan", "groq", "openrouter",
+        "deepseek", "gemini", "together", "xai", "mistral", "fireworks", "azure", "openai-compatible",
+    }
+)  # fmt: skip
+
+
+class ConfigError(Exception):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One upstream server and the models routed to it."""
+
+    name: str
+    base_url: str
+    """Base URL including the version prefix, e.g. http://127.0.0.1:11434/v1 (no trailing slash)."""
+    provider: str | None = None
+    """Provider hint; None means detect it from the URL and the responses."""
+    api_key_env: str | None = None
+    """Environment variable whose value the proxy sends as the upstream's Bearer token."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra headers added to every request to this upstream."""
+    models: tuple[str, ...] = ("*",)
+    """Glob patterns of request models routed here; first matching upstream wins."""
+    inject_stream_usage: bool = True
+    """Add stream_options.include_usage upstream when the client did not ask for usage."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts in seconds; None disables one."""
+
+    connect_s: float | None = 10.0
+    read_s: float | None = 300.0
+    total_s: float | None = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the proxy needs to run; CLI flags override the YAML file."""
+
+    host: str = "127.0.0.1"
+    port: int = 8787
+    runs_dir: Path = Path("runs")
+    default_run_id: str = "default"
+    upstreams: tuple[Upstream, ...] = (Upstream(name="default", base_url=DEFAULT_UPSTREAM),)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_connections: int = 1000
+    flush_interval_s: float = 0.2
+    fsync: str = "never"
+    on_record_failure: str = "refuse"
+    shutdown_grace_s: float = 30.0
+    prices_file: Path | None = None
+    custom_prices: tuple[Any, ...] = ()
+    log_level: str = "info"
+
+
+def _fail(key: str, why: str) -> ConfigError:
+    return ConfigError(f"config: {key}: {why}")
+
+
+def _str(raw: dict[str, Any], key: str, path: str, default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _fail(f"{path}{key}", "must be a non-empty string")
+    return value
+
+
+def _num(raw: dict[str, Any], key: str, path: str, default: float | None, *, allow_none: bool = False,
+         integer: bool = False, minimum: float = 0) -> Any:  # fmt: skip
+    value = raw.get(key, default)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        raise _fail(f"{path}{key}", f"must be {'an integer' if integer else 'a number'}")
+    if value < minimum:
+        raise _fail(f"{path}{key}", f"must be >= {minimum}")
+    return value
+
+
+def _choice(raw: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = raw.get(key, default)
+    if value not in choices:
+        raise _fail(key, f"must be one of {', '.join(choices)} (got {value!r})")
+    return str(value)
+
+
+def _check_keys(raw: dict[str, Any], allowed: set[str], path: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise _fail(f"{path}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def normalise_base_url(url: str, key: str) -> str:
+    """Return url without a trailing slash, or fail naming key when it is not http(s)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _fail(key, f"must be an http(s) URL such as http://127.0.0.1:11434/v1 (got {url!r})")
+    return url.rstrip("/")
+
+
+def _upstream(raw: Any, i: int) -> Upstream:
+    path = f"upstreams[{i}]."
+    if not isinstance(raw, dict):
+        raise _fail(f"upstreams[{i}]", "must be a mapping")
+    allowed = {"name", "base_url", "provider", "api_key_env", "headers", "models", "inject_stream_usage"}
+    _check_keys(raw, allowed, path)
+    name = _str(raw, "name", path, None)
+    if name is None:
+        raise _fail(f"{path}name", "is required")
+    base = _str(raw, "base_url", path, None)
+    if base is None:
+        raise _fail(f"{path}base_url", "is required")
+    provider = _str(raw, "provider", path, None)
+    if provider is not None and provider not in PROVIDERS:
+        raise _fail(f"{path}provider", f"must be one of {', '.join(sorted(PROVIDERS))}")
+    key_env = _str(raw, "api_key_env", path, None)
+    if key_env is not None and not os.environ.get(key_env):
+        raise _fail(f"{path}api_key_env", f"environment variable {key_env} is not set")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str | int) for v in headers.values()):
+        raise _fail(f"{path}headers", "must be a mapping of header name to string value")
+    models = raw.get("models", ["*"])
+    if isinstance(models, str):
+        models = [models]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise _fail(f"{path}models", "must be a non-empty list of glob patterns")
+    inject = raw.get("inject_stream_usage", True)
+    if not isinstance(inject, bool):
+        raise _fail(f"{path}inject_stream_usage", "must be true or false")
+    return Upstream(
+        name=name,
+        base_url=normalise_base_url(base, f"{path}base_url"),
+        provider=provider,
+        api_key_env=key_env,
+        headers=tuple((str(k), str(v)) for k, v in headers.items()),
+        models=tuple(models),
+        inject_stream_usage=inject,
+    )
+
+
+TOP_KEYS = {
+    "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes",
+    "max_header_bytes", "max_connections", "flush_interval_ms", "fsync", "on_record_failure",
+    "shutdown_grace_s", "prices", "log_level",
+}  # fmt: skip
+
+
+def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Build a Config from a parsed YAML mapping, failing on the first bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the file must hold a mapping of keys")
+    _check_keys(raw, TOP_KEYS, "")
+    d = Config()
+    runs_dir = _str(raw, "runs_dir", "", str(d.runs_dir))
+    run_id = _str(raw, "default_run_id", "", d.default_run_id)
+    if not RUN_ID_RE.fullmatch(run_id or ""):
+        raise _fail("default_run_id", "must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'")
+    ups_raw = raw.get("upstreams")
+    if ups_raw is None:
+        upstreams = d.upstreams
+    elif not isinstance(ups_raw, list) or not ups_raw:
+        raise _fail("upstreams", "must be a non-empty list")
+    else:
+        upstreams = tuple(_upstream(u, i) for i, u in enumerate(ups_raw))
+        names = [u.name for u in upstreams]
+        if len(set(names)) != len(names):
+            raise _fail("upstreams", "names must be unique")
+    t_raw = raw.get("timeouts") or {}
+    if not isinstance(t_raw, dict):
+        raise _fail("timeouts", "must be a mapping")
+    _check_keys(t_raw, {"connect_s", "read_s", "total_s"}, "timeouts.")
+    timeouts = Timeouts(
+        connect_s=_num(t_raw, "connect_s", "timeouts.", d.timeouts.connect_s, allow_none=True),
+        read_s=_num(t_raw, "read_s", "timeouts.", d.timeouts.read_s, allow_none=True),
+        total_s=_num(t_raw, "total_s", "timeouts.", d.timeouts.total_s, allow_none=True),
+    )
+    prices = raw.get("prices") or {}
+    if not isinstance(prices, dict):
+        raise _fail("prices", "must be a mapping")
+    _check_keys(prices, {"file", "custom"}, "prices.")
+    prices_file = _str(prices, "file", "prices.", None)
+    custom: tuple[Any, ...] = ()
+    if prices.get("custom") is not None:
+        from proxy.pricing import parse_custom_prices
+
+        try:
+            custom = parse_custom_prices(prices["custom"])
+        except ValueError as exc:
+            raise ConfigError(f"config: {exc}") from None
+    log_level = _choice(raw, "log_level", d.log_level, ("debug", "info", "warning", "error"))
+    resolve = (lambda p: (base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p))  # noqa: E731
+    return Config(
+        host=_str(raw, "host", "", d.host) or d.host,
+        port=_num(raw, "port", "", d.port, integer=True),
+        runs_dir=Path(runs_dir or d.runs_dir),
+        default_run_id=run_id or d.default_run_id,
+        upstreams=upstreams,
+        timeouts=timeouts,
+        max_body_bytes=_num(raw, "max_body_bytes", "", d.max_body_bytes, integer=True, minimum=1),
+        max_header_bytes=_num(raw, "max_header_bytes", "", d.max_header_bytes, integer=True, minimum=1024),
+        max_connections=_num(raw, "max_connections", "", d.max_connections, integer=True),
+        flush_interval_s=_num(raw, "flush_interval_ms", "", d.flush_interval_s * 1000, minimum=1) / 1000,
+        fsync=_choice(raw, "fsync", d.fsync, ("never", "batch")),
+        on_record_failure=_choice(raw, "on_record_failure", d.on_record_failure, ("refuse", "pass")),
+        shutdown_grace_s=_num(raw, "shutdown_grace_s", "", d.shutdown_grace_s),
+        prices_file=resolve(prices_file) if prices_file else None,
+        custom_prices=custom,
+        log_level=log_level,
+    )
+
+
+def load(path: Path | None) -> Config:
+    """Read the YAML config at path (or the defaults when None)."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_mapping(raw or {}, base_dir=None)
+
+
+def with_overrides(
+    cfg: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    upstream: str | None = None,
+    runs_dir: str | None = None,
+) -> Config:
+    """Apply CLI flags on top of the file's values."""
+    changes: dict[str, Any] = {}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    if runs_dir is not None:
+        changes["runs_dir"] = Path(runs_dir)
+    if upstream is not None:
+        base = normalise_base_url(upstream, "--upstream")
+        changes["upstreams"] = (Upstream(name="default", base_url=base),)
+    return replace(cfg, **changes)

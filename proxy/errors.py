@@ -1,0 +1,176 @@
+"""Exceptions that carry their HTTP status, and the one renderer for OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import orjson
+from aiohttp import web
+
+#: The fixed set of error categories a record can carry (documented in the README).
+CATEGORIES = frozenset(
+    {
+        "invalid_json",  # the client's request body is not a JSON object
+        "bad_request",  # the request is malformed otherwise, or the upstream said 4xx
+        "payload_too_large",  # request body over max_body_bytes, or upstream 413
+        "invalid_run_id",  # X-Run-Id or /run/<id>/ is not a valid run id
+        "model_not_found",  # no upstream route for the model, or upstream 404
+        "auth_error",  # upstream 401/403
+        "billing_error",  # upstream 402
+        "rate_limit",  # upstream 429, or a rate-limit error inside a stream
+        "server_error",  # upstream 5xx, or an error event inside a stream
+        "timeout",  # upstream connect/read/total timeout, or upstream 408/504
+        "connection_error",  # upstream refused, reset or unreachable before answering
+        "empty_response",  # upstream answered 2xx with no body / no events
+        "invalid_response",  # upstream answered 2xx with a body that is not the expected JSON
+        "stream_interrupted",  # upstream closed the stream before it was complete
+        "client_aborted",  # the client went away before the response was complete
+        "recording_unavailable",  # the runs dir cannot be written and calls are refused
+        "proxy_shutdown",  # the proxy stopped before the call finished (grace period ran out)
+        "unknown",
+    }
+)
+
+
+def new_error_id() -> str:
+    """Return a fresh 12-hex-character error id."""
+    return os.urandom(6).hex()
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, with its HTTP status and OpenAI error type."""
+
+    status: int = 500
+    type: str = "server_error"
+    category: str = "unknown"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        category: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if category is not None:
+            self.category = category
+        self.code = code
+        self.param = param
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    category = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    category = "invalid_json"
+
+
+class InvalidRunId(BadRequest):
+    category = "invalid_run_id"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    category = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    category = "payload_too_large"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    type = "upstream_error"
+    category = "connection_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_error"
+    category = "timeout"
+
+
+class RecordingUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    category = "recording_unavailable"
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    """Return OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def render(exc: ProxyError, error_id: str, request_id: str | None = None) -> web.Response:
+    """Turn a ProxyError into the OpenAI-shaped JSON response the client sees."""
+    headers = {"X-Meter-Error-Id": error_id}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=exc.status,
+        body=error_body(exc.message, exc.type, exc.code or exc.category, exc.param),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def category_for_status(status: int) -> str:
+    """Map an upstream HTTP error status to a record error category."""
+    if status in (401, 403):
+        return "auth_error"
+    if status == 402:
+        return "billing_error"
+    if status == 404:
+        return "model_not_found"
+    if status in (408, 504):
+        return "timeout"
+    if status == 413:
+        return "payload_too_large"
+    if status == 429:
+        return "rate_limit"
+    if status >= 500:
+        return "server_error"
+    if status >= 400:
+        return "bad_request"
+    return "unknown"
+
+
+def category_for_stream_error(kind: str) -> str:
+    """Map the type/code of an error event inside a 200 stream to a category."""
+    k = kind.lower()
+    if "rate" in k or "429" in k or "too_many" in k or "quota" in k:
+        return "rate_limit"
+    if "overload" in k or "server" in k or "api_error" in k or k.startswith("5"):
+        return "server_error"
+    if "context" in k or "invalid" in k or k.startswith("4"):
+        return "bad_request"
+    return "server_error"
+
+
+_SECRET = re.compile(
+    r"(sk-[A-Za-z0-9_\-*]{6,}|(?i:bearer)\s+[A-Za-z0-9._\-~+/]+=*|(?:api[_-]?key|key)[=:]\s*[A-Za-z0-9._\-]{8,})"
+)
+
+
+def scrub(text: str, limit: int = 200) -> str:
+    """Return text with anything key-shaped masked, cut to limit characters."""
+    return _SECRET.sub("[redacted]", text)[:limit]

@@ -1,0 +1,478 @@
+"""The proxy handler: request -> upstream -> usage -> price -> record, streaming or buffered."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import re
+import time
+from datetime import UTC, datetime
+from time import perf_counter
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import errors, providers
+from proxy.config import RUN_ID_RE, Config, Upstream
+from proxy.errors import ProxyError
+from proxy.meter import ENDPOINTS, Meter, estimate_input_tokens, estimate_output_tokens
+from proxy.records import ErrorInfo, JsonlSink, Record
+from proxy.usage import Usage
+
+log = logging.getLogger("metering_proxy")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes; never forwarded either way.
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect"}
+)  # fmt: skip
+# Responses are decompressed on the way in (so usage can be read) and sent on uncompressed.
+_RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
+_CONSUMED = frozenset({"x-run-id", "x-task-name"})
+_TAG_PREFIX = "x-meter-tag-"
+_MAX_TAGS = 32
+_MAX_TAG_LEN = 256
+
+
+class Router:
+    """Pick the upstream for a model: the first upstream with a matching glob wins."""
+
+    def __init__(self, upstreams: tuple[Upstream, ...]) -> None:
+        self.upstreams = upstreams
+        self._rules = [(re.compile(fnmatch.translate(p)), u) for u in upstreams for p in u.models]
+        self._cache: dict[str, Upstream | None] = {}
+
+    def pick(self, model: str) -> Upstream | None:
+        """Return the upstream serving model, or None."""
+        try:
+            return self._cache[model]
+        except KeyError:
+            pass
+        found = next((u for rx, u in self._rules if rx.match(model)), None)
+        if len(self._cache) < 10_000:
+            self._cache[model] = found
+        return found
+
+    def patterns(self) -> str:
+        """Describe the routes for an error message."""
+        return "; ".join(f"{u.name}: {', '.join(u.models)}" for u in self.upstreams)
+
+
+class Call:
+    """What is known about one call while it is in flight."""
+
+    __slots__ = (
+        "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "method", "upstream", "provider",
+        "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
+        "request_obj", "up", "headers_seen",
+    )  # fmt: skip
+
+    def __init__(self, endpoint: str, method: str) -> None:
+        self.t0 = perf_counter()
+        self.ts = time.time()
+        self.request_id = "req_" + os.urandom(12).hex()
+        self.run_id: str | None = None
+        self.task: str | None = None
+        self.tags: dict[str, str] = {}
+        self.endpoint = endpoint
+        self.method = method
+        self.upstream: Upstream | None = None
+        self.provider: str | None = None
+        self.requested_model: str | None = None
+        self.stream = False
+        self.status = 0
+        self.meter = Meter(ENDPOINTS.get(endpoint, "chat"))
+        self.ttfb: float | None = None
+        self.error: ErrorInfo | None = None
+        self.injected = False
+        self.upstream_request_id: str | None = None
+        self.request_obj: dict[str, Any] | None = None
+        self.up: aiohttp.ClientResponse | None = None
+        self.headers_seen: Any = None
+
+    def fail(self, category: str, detail: str) -> ErrorInfo:
+        """Mark the call failed (first failure wins) and return its error."""
+        if self.error is None:
+            self.error = ErrorInfo(category=category, id=errors.new_error_id(), detail=errors.scrub(detail))
+        return self.error
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _ms(start: float, end: float | None) -> float | None:
+    return None if end is None else round((end - start) * 1000, 3)
+
+
+class Forwarder:
+    """Holds the shared client session, router and sink; its methods are the route handlers."""
+
+    def __init__(self, cfg: Config, session: aiohttp.ClientSession | None, sink: JsonlSink, pricebook: Any = None) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.sink = sink
+        self.pricebook = pricebook
+        self.router = Router(cfg.upstreams)
+        self.shutting_down = False
+        self._auth = {u.name: f"Bearer {os.environ[u.api_key_env]}" for u in cfg.upstreams if u.api_key_env}
+        self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
+
+    # -- request side ----------------------------------------------------------------------
+
+    def _run_id(self, request: web.Request) -> str:
+        run_id = request.headers.get("X-Run-Id")
+        if run_id is None:
+            run_id = request.match_info.get("run_id", self.cfg.default_run_id)
+        if not RUN_ID_RE.fullmatch(run_id):
+            shown = run_id if len(run_id) <= 40 else run_id[:40] + "..."
+            raise errors.InvalidRunId(
+                f"Invalid run id {shown!r}: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-',"
+                " not starting with '.' (set by the X-Run-Id header or a /run/<id>/v1 base URL).",
+                param="X-Run-Id",
+            )
+        return run_id
+
+    def _upstream_headers(self, request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        for key, value in request.headers.items():
+            low = key.lower()
+            if low in _HOP_BY_HOP or low in _CONSUMED or low.startswith(_TAG_PREFIX):
+                continue
+            out.add(key, value)
+        auth = self._auth.get(upstream.name)
+        if auth is not None:
+            out["Authorization"] = auth
+            out.popall("x-api-key", None)
+        for key, value in upstream.headers:
+            out[key] = value
+        return out
+
+    def _client_headers(self, up: aiohttp.ClientResponse, call: Call | None) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        for key, value in up.headers.items():
+            if key.lower() not in _RESPONSE_DROP:
+                out.add(key, value)
+        if call is not None:
+            upstream_id = up.headers.get("x-request-id") or up.headers.get("request-id")
+            if upstream_id:
+                call.upstream_request_id = upstream_id
+                out["X-Upstream-Request-Id"] = upstream_id
+            out["X-Request-Id"] = call.request_id
+        return out
+
+    def _url(self, upstream: Upstream, tail: str, query: str) -> str:
+        url = f"{upstream.base_url}/{tail}"
+        return f"{url}?{query}" if query else url
+
+    async def _send(self, method: str, url: str, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+        """Send the request upstream and return once its status and headers are in."""
+        assert self.session is not None, "the app's cleanup_ctx opens the session"
+        try:
+            return await self.session.request(method, url, data=body or None, headers=headers)
+        except TimeoutError:
+            raise errors.UpstreamTimeout(f"The upstream did not answer in time ({url.split('?')[0]}).") from None
+        except aiohttp.ClientError as exc:
+            raise errors.UpstreamUnreachable(
+                f"Could not reach the upstream at {url.split('?')[0]}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    # -- metered endpoints -----------------------------------------------------------------
+
+    async def metered(self, request: web.Request) -> web.StreamResponse:
+        """Forward one LLM call and record exactly one line for it, whatever happens."""
+        call = Call(request.match_info["tail"], request.method)
+        try:
+            return await self._metered(request, call)
+        except ProxyError as exc:
+            call.status = exc.status
+            err = call.fail(exc.category, exc.message)
+            log.warning("call failed: error_id=%s category=%s status=%s request_id=%s: %s",
+                        err.id, err.category, exc.status, call.request_id, err.detail)  # fmt: skip
+            return errors.render(exc, err.id, call.request_id)
+        except asyncio.CancelledError:
+            call.fail("proxy_shutdown" if self.shutting_down else "client_aborted",
+                      "the proxy stopped before the call finished" if self.shutting_down
+                      else "the client disconnected before the response was complete")  # fmt: skip
+            raise
+        finally:
+            if call.up is not None:
+                # Closing (not releasing) an unfinished response drops the connection, which is
+                # how an upstream learns to stop generating.
+                if call.error is not None and call.error.category in ("client_aborted", "proxy_shutdown"):
+                    call.up.close()
+                else:
+                    call.up.release()
+            self._record(call)
+
+    async def _metered(self, request: web.Request, call: Call) -> web.StreamResponse:
+        call.run_id = self._run_id(request)
+        headers = request.headers
+        call.task = headers.get("X-Task-Name")
+        for key, value in headers.items():
+            if len(call.tags) < _MAX_TAGS and key.lower().startswith(_TAG_PREFIX) and len(key) > len(_TAG_PREFIX):
+                call.tags[key[len(_TAG_PREFIX) :].lower()] = value[:_MAX_TAG_LEN]
+        if not self.sink.healthy and self.cfg.on_record_failure == "refuse":
+            raise errors.RecordingUnavailable(
+                "metering-proxy cannot write its records (runs dir unwritable); refusing calls until it can."
+            )
+        ctype = headers.get("Content-Type")
+        if ctype is not None and "json" not in ctype.lower():
+            raise errors.UnsupportedMediaType(
+                f"Content-Type must be application/json (got {ctype[:60]!r}).", param="Content-Type"
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.PayloadTooLarge(
+                f"Request body is larger than the proxy's limit of {self.cfg.max_body_bytes} bytes"
+                " (max_body_bytes)."
+            ) from None
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise errors.InvalidJSON(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise errors.InvalidJSON("The request body must be a JSON object.")
+        call.request_obj = obj
+        model = obj.get("model")
+        if not isinstance(model, str) or not model:
+            raise errors.BadRequest("The request must name a model: 'model' must be a non-empty string.",
+                                    param="model", code="missing_model")  # fmt: skip
+        call.requested_model = model
+        stream = obj.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            raise errors.BadRequest("'stream' must be true or false.", param="stream")
+        call.stream = bool(stream)
+        upstream = self.router.pick(model)
+        if upstream is None:
+            raise errors.NoRoute(
+                f"No upstream serves model {model!r}. Routes (upstream: model patterns): {self.router.patterns()}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        call.upstream = upstream
+        call.provider = self._url_provider[upstream.name]
+        if call.stream and call.meter.endpoint in ("chat", "completions") and upstream.inject_stream_usage:
+            options = obj.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                # Ask for usage upstream; the meter hides the extra chunk from this client.
+                merged = dict(options) if isinstance(options, dict) else {}
+                merged["include_usage"] = True
+                body = orjson.dumps({**obj, "stream_options": merged})
+                call.injected = True
+                call.meter.strip_usage = True
+        url = self._url(upstream, request.match_info["tail"], request.query_string)
+        up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
+        call.up = up
+        call.ttfb = perf_counter()
+        call.status = up.status
+        call.headers_seen = up.headers
+        ctype = up.headers.get("Content-Type", "")
+        if up.status < 400 and ctype.startswith("text/event-stream"):
+            return await self._stream(request, call, up)
+        return await self._buffered(request, call, up)
+
+    async def _buffered(self, request: web.Request, call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
+        try:
+            body = await up.read()
+        except TimeoutError:
+            raise errors.UpstreamTimeout("The upstream stopped sending before its response was complete.") from None
+        except aiohttp.ClientError as exc:
+            raise errors.UpstreamUnreachable(
+                f"The upstream closed the connection before its response was complete: {type(exc).__name__}"
+            ) from None
+        meter = call.meter
+        headers = self._client_headers(up, call)
+        if up.status >= 400:
+            err = call.fail(errors.category_for_status(up.status), _error_detail(body, up.status))
+            headers["X-Meter-Error-Id"] = err.id
+        elif not body:
+            headers["X-Meter-Error-Id"] = call.fail("empty_response", "the upstream answered with an empty body").id
+        elif not meter.read_body(body):
+            headers["X-Meter-Error-Id"] = call.fail(
+                "invalid_response", f"the upstream's {up.status} body is not a JSON object"
+            ).id
+        resp = web.Response(body=body, status=up.status, headers=headers)
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            call.fail("client_aborted", "the client disconnected before the response was sent")
+        return resp
+
+    async def _stream(self, request: web.Request, call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
+        meter = call.meter
+        resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, call))
+        content = up.content
+        try:
+            await resp.prepare(request)
+            while True:
+                try:
+                    chunk = await content.readany()
+                except TimeoutError:
+                    call.fail("timeout", "the upstream stopped sending mid-stream (read timeout)")
+                    break
+                except aiohttp.ClientError as exc:
+                    call.fail("stream_interrupted", f"the upstream stream broke off: {type(exc).__name__}")
+                    break
+                if not chunk:
+                    break
+                out = meter.feed(chunk, perf_counter())
+                if out:
+                    await resp.write(out)
+            tail = meter.finish(perf_counter())
+            if tail:
+                await resp.write(tail)
+            if call.error is None:
+                self._check_stream_end(call)
+            if call.error is not None and call.error.category in ("timeout", "stream_interrupted"):
+                await resp.write(_stream_error_event(meter.endpoint, call.error))
+            await resp.write_eof()
+        except ConnectionError:
+            call.fail("client_aborted", "the client disconnected mid-stream")
+        return resp
+
+    def _check_stream_end(self, call: Call) -> None:
+        meter = call.meter
+        if meter.error_category is not None:
+            call.fail(meter.error_category, meter.error_detail or "error event in the stream")
+        elif meter.events == 0:
+            call.fail("empty_response", "the upstream stream ended without any event")
+        elif not (meter.done or meter.finish_reason is not None):
+            call.fail("stream_interrupted", "the upstream stream ended before its final event")
+
+    # -- record ----------------------------------------------------------------------------
+
+    def _record(self, call: Call) -> None:
+        end = perf_counter()
+        meter = call.meter
+        usage = meter.usage()
+        if usage is not None:
+            source = "upstream"
+        elif call.ttfb is not None and call.status < 400 and call.request_obj is not None:
+            # Billed but unreported (no usage from the server, or a stream cut short): estimate.
+            out = estimate_output_tokens(meter.output_chars)
+            inp = estimate_input_tokens(call.request_obj)
+            usage = Usage(input_tokens=inp, output_tokens=out, total_tokens=inp + out)
+            source = "estimated"
+        else:
+            usage = Usage()
+            source = "none"
+        if call.error is None and meter.error_category is not None:
+            call.fail(meter.error_category, meter.error_detail or "error in the response")
+        duration = (end - call.t0) * 1000
+        ttft = _ms(call.t0, meter.first_output_at) if call.stream else None
+        window = duration - ttft if ttft is not None else duration
+        tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window > 0 else None
+        provider = call.provider
+        if call.headers_seen is not None and provider is None:
+            provider = providers.from_response(call.headers_seen, meter.provider_hint, meter.usage_raw)
+        upstream_name = call.upstream.name if call.upstream else None
+        cost = None
+        if self.pricebook is not None and source != "none":
+            cost = self.pricebook.price(
+                usage, model=meter.model, requested_model=call.requested_model, upstream=upstream_name,
+                provider=provider, endpoint=meter.endpoint,
+            )  # fmt: skip
+        record = Record(
+            ts=_iso(call.ts),
+            run_id=call.run_id,
+            request_id=call.request_id,
+            task=call.task,
+            tags=call.tags,
+            endpoint="/v1/" + call.endpoint,
+            method=call.method,
+            upstream=upstream_name,
+            provider=provider,
+            requested_model=call.requested_model,
+            model=meter.model,
+            stream=call.stream,
+            status=call.status,
+            success=call.error is None and 0 < call.status < 400,
+            finish_reason=meter.finish_reason,
+            input_tokens=usage.input_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            cache_write_5m_tokens=usage.cache_write_5m_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            output_tokens=usage.output_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            total_tokens=usage.total_tokens,
+            usage_source=source,
+            usage_raw=meter.usage_raw,
+            stream_usage_injected=call.injected,
+            ttfb_ms=_ms(call.t0, call.ttfb),
+            ttft_ms=ttft,
+            duration_ms=round(duration, 3),
+            tokens_per_second=tps,
+            server_timing=meter.server_timing,
+            upstream_request_id=call.upstream_request_id,
+            error=call.error,
+            cost_usd=cost.cost_usd if cost else None,
+            cost_source=cost.cost_source if cost else None,
+            price_model=cost.price_model if cost else None,
+            cost_breakdown=cost.breakdown if cost else None,
+            upstream_cost_usd=usage.upstream_cost_usd,
+            service_tier=usage.service_tier,
+        )
+        self.sink.write(call.run_id, record.to_json())
+
+    # -- everything else under /v1 ---------------------------------------------------------
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Forward any other /v1 path unmetered (e.g. GET /v1/models), streaming the answer back."""
+        body = await request.read()
+        upstream = self.cfg.upstreams[0]
+        if body and "json" in request.headers.get("Content-Type", ""):
+            try:
+                model = orjson.loads(body).get("model")
+            except (orjson.JSONDecodeError, AttributeError):
+                model = None
+            if isinstance(model, str):
+                upstream = self.router.pick(model) or upstream
+        url = self._url(upstream, request.match_info["tail"], request.query_string)
+        up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
+        try:
+            resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, None))
+            await resp.prepare(request)
+            while chunk := await up.content.readany():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            up.release()
+
+
+def _error_detail(body: bytes, status: int) -> str:
+    """Pull the message out of an upstream error body of any dialect (JSON, HTML or empty)."""
+    if not body:
+        return f"upstream answered {status} with no body"
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = re.sub(rb"<[^>]*>|\s+", b" ", body[:2000]).decode("utf-8", "replace").strip()
+        return f"upstream answered {status}: {text}"
+    err = obj.get("error", obj) if isinstance(obj, dict) else obj
+    if isinstance(err, dict):
+        message = err.get("message") or err.get("type") or ""
+        return f"upstream answered {status}: {message}"
+    return f"upstream answered {status}: {err}"
+
+
+def _stream_error_event(endpoint: str, error: ErrorInfo) -> bytes:
+    """The error event that ends a broken stream, in the client's own protocol."""
+    message = f"metering-proxy: {error.detail} (error id {error.id})"
+    kind = "timeout_error" if error.category == "timeout" else "api_error"
+    if endpoint == "messages":
+        payload = {"type": "error", "error": {"type": kind, "message": message}}
+        return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+    if endpoint == "responses":
+        payload = {"type": "error", "code": error.category, "message": message, "param": None}
+        return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+    payload = {"error": {"message": message, "type": "server_error", "param": None, "code": error.category}}
+    return b"\n\ndata: " + orjson.dumps(payload) + b"\n\n"

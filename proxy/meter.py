@@ -1,0 +1,331 @@
+"""Read what a response says about itself: usage, model, finish reason, first output, errors.
+
+A ``Meter`` sees a copy of the traffic. For streams it is fed chunk by chunk and decodes SSE
+incrementally; for buffered responses it reads the body once. It never changes what the client
+gets, except for dropping the usage-only chunk the proxy itself asked for (``strip_usage``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy import usage as U
+from proxy.errors import category_for_stream_error, scrub
+from proxy.sse import Event, SSEDecoder
+
+#: Metered endpoints: path under /v1 -> dialect.
+ENDPOINTS: dict[str, str] = {
+    "chat/completions": "chat",
+    "completions": "completions",
+    "embeddings": "embeddings",
+    "responses": "responses",
+    "messages": "messages",
+}
+
+# Anthropic content_block_delta types that carry generated output.
+_ANTHROPIC_OUTPUT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+# Chat delta fields that carry generated output (reasoning_content: DeepSeek/vLLM; reasoning: others).
+_CHAT_OUTPUT = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+class Meter:
+    """Collects what one response reveals about usage, timing and errors."""
+
+    __slots__ = (
+        "endpoint", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
+        "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
+        "service_tier", "_anthropic_usage",
+    )  # fmt: skip
+
+    def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
+        self.endpoint = endpoint
+        self.strip_usage = strip_usage
+        self.decoder = SSEDecoder()
+        self.usage_raw: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.finish_reason: str | None = None
+        self.first_output_at: float | None = None
+        self.output_chars = 0
+        self.error_category: str | None = None
+        self.error_detail: str | None = None
+        self.server_timing: dict[str, float] | None = None
+        self.events = 0
+        self.done = False
+        self.provider_hint: str | None = None
+        self.service_tier: str | None = None
+        self._anthropic_usage: dict[str, Any] | None = None
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """Meter one stream chunk; return the bytes to pass on (the chunk itself unless stripping)."""
+        events = self.decoder.feed(chunk)
+        if not self.strip_usage:
+            for ev in events:
+                self._event(ev, now)
+            return chunk
+        out = [ev.raw for ev in events if self._event(ev, now)]
+        return b"".join(out)
+
+    def finish(self, now: float) -> bytes:
+        """Meter what is left when the stream ends; return any bytes still owed to the client."""
+        events = self.decoder.flush()
+        kept = [ev.raw for ev in events if self._event(ev, now)]
+        return b"".join(kept) if self.strip_usage else b""
+
+    def _event(self, ev: Event, now: float) -> bool:
+        """Meter one event; return False when it is the injected usage-only chunk to drop."""
+        data = ev.data
+        if not data:
+            return True
+        self.events += 1
+        if data == b"[DONE]":
+            self.done = True
+            return True
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if ev.is_error_field:
+                self._error("server_error", data.decode("utf-8", "replace"))
+            return True
+        if not isinstance(obj, dict):
+            return True
+        if ev.is_error_field:
+            self._error_from(obj)
+            return True
+        if self.endpoint == "messages":
+            self._anthropic_event(ev.event or obj.get("type"), obj, now)
+        elif self.endpoint == "responses":
+            self._responses_event(ev.event or obj.get("type"), obj, now)
+        else:
+            return self._chat_chunk(obj, now)
+        return True
+
+    def _chat_chunk(self, obj: dict[str, Any], now: float) -> bool:
+        err = obj.get("error")
+        if err:
+            self._error_from(obj)
+            return True
+        if self.model is None and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self._choice(choice, now)
+        usage = obj.get("usage")
+        keep = True
+        if isinstance(usage, dict):
+            self.usage_raw = usage
+            if self.strip_usage and choices == []:
+                keep = False
+        else:
+            groq = obj.get("x_groq")
+            if isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
+                self.usage_raw = groq["usage"]
+                self.provider_hint = "groq"
+        self._extras(obj)
+        return keep
+
+    def _choice(self, choice: dict[str, Any], now: float) -> None:
+        chars = 0
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key in _CHAT_OUTPUT:
+                value = delta.get(key)
+                if isinstance(value, str):
+                    chars += len(value)
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list) and calls:
+                # A tool-call delta is output even when its arguments fragment is still empty.
+                chars += max(1, _text_len(calls))
+        text = choice.get("text")
+        if isinstance(text, str):
+            chars += len(text)
+        if chars:
+            self.output_chars += chars
+            if self.first_output_at is None:
+                self.first_output_at = now
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            self.finish_reason = reason
+
+    def _anthropic_event(self, kind: Any, obj: dict[str, Any], now: float) -> None:
+        if kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            field = _ANTHROPIC_OUTPUT.get(delta.get("type", ""))
+            if field:
+                self.output_chars += len(delta.get(field) or "")
+                if self.first_output_at is None:
+                    self.first_output_at = now
+        elif kind == "message_start":
+            message = obj.get("message") or {}
+            if isinstance(message.get("model"), str):
+                self.model = message["model"]
+            if isinstance(message.get("usage"), dict):
+                self._anthropic_usage = dict(message["usage"])
+                self.usage_raw = self._anthropic_usage
+        elif kind == "message_delta":
+            delta = obj.get("delta") or {}
+            if isinstance(delta.get("stop_reason"), str):
+                self.finish_reason = delta["stop_reason"]
+            if isinstance(obj.get("usage"), dict):
+                self._anthropic_usage = U.merge_anthropic(self._anthropic_usage, obj["usage"])
+                self.usage_raw = self._anthropic_usage
+        elif kind == "error":
+            self._error_from(obj)
+
+    def _responses_event(self, kind: Any, obj: dict[str, Any], now: float) -> None:
+        if not isinstance(kind, str):
+            return
+        if kind.endswith(".delta"):
+            delta = obj.get("delta")
+            if delta:
+                self.output_chars += len(delta) if isinstance(delta, str) else 1
+                if self.first_output_at is None:
+                    self.first_output_at = now
+        elif kind in ("response.completed", "response.incomplete", "response.failed", "response.created"):
+            response = obj.get("response") or {}
+            self._responses_object(response)
+            if kind == "response.failed":
+                err = response.get("error") or {}
+                self._error(category_for_stream_error(str(err.get("code") or "server_error")),
+                            str(err.get("message") or "response.failed"))  # fmt: skip
+        elif kind == "error":
+            self._error_from(obj)
+
+    def _responses_object(self, response: dict[str, Any]) -> None:
+        if isinstance(response.get("model"), str):
+            self.model = response["model"]
+        if isinstance(response.get("usage"), dict):
+            self.usage_raw = response["usage"]
+        status = response.get("status")
+        if isinstance(status, str) and status not in ("in_progress", "queued"):
+            self.finish_reason = status
+        if isinstance(response.get("service_tier"), str):
+            self.service_tier = response["service_tier"]
+
+    def _extras(self, obj: dict[str, Any]) -> None:
+        if isinstance(obj.get("service_tier"), str):
+            self.service_tier = obj["service_tier"]
+        if "timings" in obj or "x_groq" in obj or "stats" in obj:
+            timing = U.server_timing(obj)
+            if timing:
+                self.server_timing = timing
+        if obj.get("system_fingerprint") == "fp_ollama":
+            self.provider_hint = "ollama"
+        elif "timings" in obj:
+            self.provider_hint = self.provider_hint or "llamacpp"
+        elif "stats" in obj:
+            self.provider_hint = self.provider_hint or "lmstudio"
+
+    def _error_from(self, obj: dict[str, Any]) -> None:
+        """Record an in-band error of any dialect: nested, flat, or Ollama's plain string."""
+        err = obj.get("error", obj)
+        if isinstance(err, str):
+            self._error("server_error", err)
+            return
+        if not isinstance(err, dict):
+            err = obj
+        kind = str(err.get("type") or err.get("code") or "server_error")
+        if kind == "error" and "code" in err:
+            kind = str(err["code"])
+        self._error(category_for_stream_error(kind), str(err.get("message") or kind))
+
+    def _error(self, category: str, detail: str) -> None:
+        if self.error_category is None:
+            self.error_category = category
+            self.error_detail = scrub(detail)
+
+    # -- buffered bodies -------------------------------------------------------------------
+
+    def read_body(self, body: bytes) -> bool:
+        """Meter a complete JSON body; return False when it is not a JSON object."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        if self.endpoint == "responses":
+            self._responses_object(obj)
+            self.output_chars += _text_len(obj.get("output"))
+            return True
+        if isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        if isinstance(obj.get("usage"), dict):
+            self.usage_raw = obj["usage"]
+        if self.endpoint == "messages":
+            if isinstance(obj.get("stop_reason"), str):
+                self.finish_reason = obj["stop_reason"]
+            self.output_chars += _text_len(obj.get("content"))
+            return True
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict):
+                if isinstance(choice.get("finish_reason"), str):
+                    self.finish_reason = choice["finish_reason"]
+                self.output_chars += _text_len(choice.get("message")) + _text_len(choice.get("text"))
+        if self.usage_raw is None and isinstance((obj.get("x_groq") or {}).get("usage"), dict):
+            self.usage_raw = obj["x_groq"]["usage"]
+        self._extras(obj)
+        return True
+
+    def usage(self) -> U.Usage | None:
+        """Return the normalised usage the upstream reported, or None if it reported none."""
+        raw = self.usage_raw
+        if raw is None:
+            return None
+        if self.endpoint == "messages":
+            return U.from_anthropic(raw, self.service_tier)
+        if self.endpoint == "responses":
+            return U.from_responses(raw, self.service_tier)
+        return U.from_raw(raw, self.service_tier)
+
+
+def _text_len(value: Any) -> int:
+    """Count the characters of generated text in a response fragment, without keeping it."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_len(v) for v in value)
+    if isinstance(value, dict):
+        total = 0
+        for key in ("content", "text", "reasoning_content", "reasoning", "refusal", "arguments", "thinking"):
+            if key in value:
+                total += _text_len(value[key])
+        for key in ("tool_calls", "function", "output", "summary"):
+            if key in value:
+                total += _text_len(value[key])
+        return total
+    return 0
+
+
+def estimate_input_tokens(request: dict[str, Any]) -> int:
+    """Estimate prompt tokens from the request: 1 token per 4 characters, plus 4 per message."""
+    chars = 0
+    messages = 0
+    for key in ("messages", "prompt", "input", "system", "instructions", "tools"):
+        value = request.get(key)
+        if value is not None:
+            chars += _all_text(value)
+            if key == "messages" and isinstance(value, list):
+                messages += len(value)
+    return (chars + 3) // 4 + 4 * messages + (3 if messages else 0)
+
+
+def estimate_output_tokens(chars: int) -> int:
+    """Estimate completion tokens from generated characters: 1 token per 4 characters."""
+    return (chars + 3) // 4
+
+
+def _all_text(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_all_text(v) for v in value)
+    if isinstance(value, dict):
+        # Inline images and audio are base64: their length says nothing about tokens.
+        return sum(_all_text(v) for k, v in value.items() if k not in ("image_url", "data", "input_audio"))
+    return 0

@@ -1,0 +1,229 @@
+"""Shared fixtures: a fake upstream (a real aiohttp server on loopback) and the proxy in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import SINK, make_app
+from proxy.config import Config, Timeouts, Upstream
+
+PAYLOADS = Path(__file__).parent / "payloads"
+
+
+def payload_cases() -> list[tuple[str, str]]:
+    """Every (provider, case) fixture pair under tests/payloads."""
+    cases = []
+    for expected in sorted(PAYLOADS.glob("*/*.expected.json")):
+        cases.append((expected.parent.name, expected.name.removesuffix(".expected.json")))
+    return cases
+
+
+def load_case(provider: str, case: str) -> tuple[bytes, str, dict[str, Any]]:
+    """Return (body bytes, kind 'sse'|'json', expectations) for a fixture."""
+    base = PAYLOADS / provider
+    expected = orjson.loads((base / f"{case}.expected.json").read_bytes())
+    sse = base / f"{case}.sse"
+    if sse.exists():
+        return sse.read_bytes(), "sse", expected
+    return (base / f"{case}.json").read_bytes(), "json", expected
+
+
+def _chat_chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1735689600, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], "usage": None,
+    }  # fmt: skip
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class FakeUpstream:
+    """A scriptable OpenAI-compatible server. Behaviour is chosen per request by the X-Fake header.
+
+    X-Fake values: absent (an OpenAI-like answer), 'fixture:<provider>/<case>' (replay a payload file),
+    'status:<code>[:json|html|empty]', 'hang', 'cut' (close mid-stream), 'think:<seconds>'.
+    X-Fake-Split: replay streams in pieces of this many bytes; X-Fake-Delay: seconds between pieces.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.cancelled = 0
+        self.app = web.Application()
+        self.app.router.add_post("/v1/{tail:.*}", self.handle)
+        self.app.router.add_get("/v1/models", self.models)
+        self.server: TestServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("/v1"))
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None})
+        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else {}
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        mode = request.headers.get("X-Fake", "")
+        split = int(request.headers.get("X-Fake-Split", "0"))
+        delay = float(request.headers.get("X-Fake-Delay", "0"))
+        try:
+            if mode.startswith("fixture:"):
+                provider, case = mode.removeprefix("fixture:").split("/")
+                data, kind, _ = load_case(provider, case)
+                if kind == "json":
+                    return web.Response(body=data, content_type="application/json")
+                return await self._stream(request, [data], split, delay)
+            if mode.startswith("status:"):
+                parts = mode.split(":")
+                status, shape = int(parts[1]), parts[2] if len(parts) > 2 else "json"
+                if shape == "html":
+                    return web.Response(status=status, text="<html><body><h1>Bad Gateway</h1></body></html>",
+                                        content_type="text/html")  # fmt: skip
+                if shape == "empty":
+                    return web.Response(status=status)
+                err = {"error": {"message": f"fake error {status}", "type": "fake_error", "param": None, "code": None}}
+                return web.json_response(err, status=status)
+            if mode == "hang":
+                await asyncio.sleep(3600)
+            if mode.startswith("think:"):
+                await asyncio.sleep(float(mode.split(":")[1]))
+            return await self._openai(request, body, split, delay, cut=mode == "cut")
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def _openai(self, request: web.Request, body: dict[str, Any], split: int, delay: float,
+                      cut: bool) -> web.StreamResponse:  # fmt: skip
+        model = body.get("model", "gpt-4o-mini")
+        words = ["Hello", " there", "!"]
+        tail = request.match_info["tail"]
+        if tail == "embeddings":
+            return web.json_response({"object": "list", "model": model,
+                                      "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
+                                      "usage": {"prompt_tokens": 8, "total_tokens": 8}})  # fmt: skip
+        usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
+                 "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+        if not body.get("stream"):
+            return web.json_response({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1735689600, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage,
+            })  # fmt: skip
+        pieces = [_chat_chunk(model, {"role": "assistant", "content": ""})]
+        pieces += [_chat_chunk(model, {"content": w}) for w in words]
+        if cut:
+            return await self._stream(request, pieces[:2], split, delay, cut=True)
+        pieces.append(_chat_chunk(model, {}, "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1735689600,
+                     "model": model, "choices": [], "usage": usage}  # fmt: skip
+            pieces.append(b"data: " + orjson.dumps(final) + b"\n\n")
+        pieces.append(b"data: [DONE]\n\n")
+        return await self._stream(request, pieces, split, delay)
+
+    async def _stream(self, request: web.Request, pieces: list[bytes], split: int, delay: float,
+                      cut: bool = False) -> web.StreamResponse:  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "up-req-1"})
+        await resp.prepare(request)
+        data = b"".join(pieces)
+        step = split or None
+        chunks = [data[i : i + step] for i in range(0, len(data), step)] if step else pieces
+        for chunk in chunks:
+            await resp.write(chunk)
+            if delay:
+                await asyncio.sleep(delay)
+        if cut:
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def fake_upstream() -> Any:
+    fake = FakeUpstream()
+    fake.server = TestServer(fake.app, host="127.0.0.1")
+    await fake.server.start_server()
+    yield fake
+    await fake.server.close()
+
+
+class ProxyUnderTest:
+    """The proxy app on a real loopback port, with helpers to read its records."""
+
+    def __init__(self, server: TestServer, runs_dir: Path) -> None:
+        self.server = server
+        self.runs_dir = runs_dir
+
+    @property
+    def base_url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def flush(self) -> None:
+        await self.server.app[SINK].flush()
+
+    async def records(self, run_id: str = "default") -> list[dict[str, Any]]:
+        """Flush the sink and return the run's records."""
+        await self.flush()
+        path = self.runs_dir / f"{run_id}.jsonl"
+        if not path.exists():
+            return []
+        return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+    async def wait_records(self, run_id: str, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Wait until a run has count records (calls finish after the client sees the end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = await self.records(run_id)
+            if len(recs) >= count or time.monotonic() > deadline:
+                return recs
+            await asyncio.sleep(0.02)
+
+
+ProxyFactory = Callable[..., Awaitable[ProxyUnderTest]]
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path, fake_upstream: FakeUpstream) -> Any:
+    """Start a proxy in front of the fake upstream; keyword args override Config fields."""
+    servers: list[TestServer] = []
+
+    async def start(**overrides: Any) -> ProxyUnderTest:
+        cfg = Config(
+            runs_dir=tmp_path / "runs",
+            upstreams=(Upstream(name="fake", base_url=fake_upstream.base_url),),
+            timeouts=Timeouts(connect_s=2, read_s=5, total_s=10),
+            flush_interval_s=0.05,
+        )
+        pricebook = overrides.pop("pricebook", None)
+        cfg = replace(cfg, **overrides)
+        server = TestServer(make_app(cfg, pricebook), host="127.0.0.1", handler_cancellation=True)
+        await server.start_server()
+        servers.append(server)
+        return ProxyUnderTest(server, cfg.runs_dir)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> ProxyUnderTest:
+    return await make_proxy()
