@@ -42,8 +42,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error_id = errors.new_error_id()
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         message = exc.reason if exc.status != 404 else f"Unknown path {request.path}"
-        return errors.render(errors.ProxyError(message, status=exc.status, type=kind,
-                                               category=errors.category_for_status(exc.status)), error_id)  # fmt: skip
+        code = exc.reason.lower().replace(" ", "_") if exc.status != 404 else "unknown_path"
+        return errors.render(errors.ProxyError(message, status=exc.status, type=kind, code=code), error_id)
 
 
 async def healthz(request: web.Request) -> web.Response:

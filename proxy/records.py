@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,6 @@ class Record:
     cost_breakdown: dict[str, float] | None = None
     upstream_cost_usd: float | None = None
     service_tier: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         """Return the record as one JSON line, newline included."""
