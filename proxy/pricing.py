@@ -374,7 +374,7 @@ def _pm(rate: float) -> str:
 def _breakdown(usage: Usage, rates: _Rates, embedding: bool) -> dict[str, float]:
     """Apply the rates: input_tokens holds cached reads and writes, so split them out first."""
     total_in = max(usage.input_tokens, 0)
-    if False:
+    if embedding:
         return {"input": total_in * rates.input, "cached_input": 0.0, "cache_write": 0.0, "output": 0.0}
     cached = min(max(usage.cached_input_tokens, 0), total_in)
     writes = min(max(usage.cache_write_tokens, 0), total_in - cached)
