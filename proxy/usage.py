@@ -48,6 +48,12 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _opt_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def _opt_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -131,8 +137,12 @@ def from_openai(raw: dict[str, Any], service_tier: str | None = None) -> Usage:
         # Thinking tokens counted only in the total (Gemini): they are billed as output.
         output = completion + hidden
         reasoning = max(reasoning, hidden)
-    cost = raw.get("cost")
-    upstream_cost = float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None
+    upstream_cost = _opt_float(raw.get("cost"))
+    if upstream_cost is not None and raw.get("is_byok") is True:
+        # OpenRouter BYOK: `cost` is only OpenRouter's fee; the provider billed the rest to your key.
+        byok = _opt_float(_dict(raw.get("cost_details")).get("upstream_inference_cost"))
+        if byok is not None:
+            upstream_cost += byok
     return Usage(
         input_tokens=prompt,
         cached_input_tokens=cached,

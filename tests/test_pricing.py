@@ -632,3 +632,50 @@ async def test_update_unreachable_says_why(tmp_path: Path, unused_tcp_port: int)
     ok, message = await asyncio.to_thread(update_prices, f"http://127.0.0.1:{unused_tcp_port}/x", None, 5.0)
     assert not ok and "cannot fetch" in message and "kept the bundled table" in message
     assert not cache_path().exists()
+
+
+# -- end to end: the cost lands in the JSONL record ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundled_book() -> PriceBook:
+    return PriceBook.load(BUNDLED_PRICES)
+
+
+async def test_e2e_nonstream_and_stream_cost(make_proxy: Any, bundled_book: PriceBook) -> None:
+    import openai
+
+    proxy = await make_proxy(pricebook=bundled_book)
+    c = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0,
+                           default_headers={"X-Run-Id": "cost"})  # fmt: skip
+    await c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    stream = await c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                             stream=True)  # fmt: skip
+    async for _ in stream:
+        pass
+    recs = await proxy.wait_records("cost", 2)
+    # The fake upstream reports 11 prompt tokens (none cached) and 3 completion tokens.
+    # gpt-4o: 11 * 2.5e-6 + 3 * 1e-5 = 2.75e-5 + 3e-5 = 5.75e-5 USD.
+    for rec in recs:
+        assert rec["cost_usd"] == pytest.approx(5.75e-5, rel=1e-9)
+        assert rec["cost_source"] == "price_table" and rec["price_model"] == "gpt-4o"
+    assert [r["stream"] for r in recs] == [False, True]
+
+
+async def test_e2e_anthropic_stream_cost(make_proxy: Any, bundled_book: PriceBook) -> None:
+    import aiohttp
+
+    proxy = await make_proxy(pricebook=bundled_book)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url("/v1/messages"), json={"model": "claude-sonnet-4-5", "stream": True,
+                          "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"X-Run-Id": "anth", "X-Fake": "fixture:anthropic/messages_stream",
+                                   "X-Fake-Split": "13"}) as resp:  # fmt: skip
+            await resp.read()
+    [rec] = await proxy.wait_records("anth", 1)
+    # claude-sonnet-4-5-20250929: 12 uncached * 3e-6 + 8000 cache reads * 3e-7 + 1500 5-minute writes
+    # * 3.75e-6 + 250 output * 1.5e-5 = 3.6e-5 + 2.4e-3 + 5.625e-3 + 3.75e-3 = 0.011811 USD.
+    assert rec["cost_usd"] == pytest.approx(0.011811, rel=1e-9)
+    assert rec["cost_breakdown"] == pytest.approx(
+        {"input": 3.6e-5, "cached_input": 2.4e-3, "cache_write": 5.625e-3, "output": 3.75e-3}
+    )
