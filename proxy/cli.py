@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8787)")
     serve.add_argument("--upstream", help="upstream base URL including /v1 (default https://api.openai.com/v1)")
     serve.add_argument("--runs-dir", help="directory for runs/<run-id>.jsonl (default ./runs)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the port (SO_REUSEPORT) and the runs dir (default 1)")  # fmt: skip
 
     prices = sub.add_parser("prices", help="inspect or refresh the price table")
     psub = prices.add_subparsers(dest="prices_command", required=True)
@@ -66,34 +68,78 @@ def _pricebook(cfg: config_mod.Config) -> object | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.workers < 1:
+        raise ConfigError("--workers: must be >= 1")
+    pricebook = _pricebook(cfg)
+    upstreams = ", ".join(f"{u.name}={u.base_url}" for u in cfg.upstreams)
+    workers = f" ({args.workers} workers)" if args.workers > 1 else ""
+    print(
+        f"metering-proxy listening on http://{cfg.host}:{cfg.port}/v1{workers} -> forwarding to {upstreams};"
+        f" records in {cfg.runs_dir.resolve()}/<run-id>.jsonl",
+        flush=True,
+    )
+    if args.workers == 1:
+        _run_worker(cfg, pricebook, reuse_port=False)
+        return 0
+    return _supervise(cfg, pricebook, args.workers)
+
+
+def _run_worker(cfg: config_mod.Config, pricebook: object | None, reuse_port: bool) -> None:
     from aiohttp import web
 
     from proxy.app import make_app
 
-    cfg = _load(args)
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    pricebook = _pricebook(cfg)
-    app = make_app(cfg, pricebook)
-    upstreams = ", ".join(f"{u.name}={u.base_url}" for u in cfg.upstreams)
-    print(
-        f"metering-proxy listening on http://{cfg.host}:{cfg.port}/v1 -> forwarding to {upstreams};"
-        f" records in {cfg.runs_dir.resolve()}/<run-id>.jsonl",
-        flush=True,
-    )
     web.run_app(
-        app,
+        make_app(cfg, pricebook),
         host=cfg.host,
         port=cfg.port,
         print=None,
         access_log=None,
         shutdown_timeout=cfg.shutdown_grace_s,
         handler_cancellation=True,
+        reuse_port=reuse_port,
         max_field_size=cfg.max_header_bytes,
         max_line_size=cfg.max_header_bytes,
     )
-    return 0
+
+
+def _supervise(cfg: config_mod.Config, pricebook: object | None, n: int) -> int:
+    """Fork n workers sharing the port; pass SIGINT/SIGTERM on to them once; wait for all."""
+    import os
+    import signal
+
+    children: list[int] = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:  # worker: its own process group, so a terminal's ^C reaches it only through us
+            os.setpgid(0, 0)
+            code = 0
+            try:
+                _run_worker(cfg, pricebook, reuse_port=True)
+            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+                logging.getLogger("metering_proxy").exception("worker crashed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, raw = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(raw)
+    return 0 if status == 0 else 1
 
 
 def _prices(args: argparse.Namespace) -> int:

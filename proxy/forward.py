@@ -224,7 +224,9 @@ class Forwarder:
         ctype = headers.get("Content-Type")
         if ctype is not None and "json" not in ctype.lower():
             raise errors.UnsupportedMediaType(
-                f"Content-Type must be application/json (got {ctype[:60]!r}).", param="Content-Type"
+                f"Content-Type must be application/json (got {ctype[:60]!r}); with curl, add"
+                " -H 'Content-Type: application/json'.",
+                param="Content-Type",
             )
         try:
             body = await request.read()
