@@ -50,13 +50,17 @@ class FakeUpstream:
     """A scriptable OpenAI-compatible server. Behaviour is chosen per request by the X-Fake header.
 
     X-Fake values: absent (an OpenAI-like answer), 'fixture:<provider>/<case>' (replay a payload file),
-    'status:<code>[:json|html|empty]', 'hang', 'cut' (close mid-stream), 'think:<seconds>'.
+    'status:<code>[:json|html|empty|long]', 'hang', 'cut' (close mid-stream), 'think:<seconds>'.
     X-Fake-Split: replay streams in pieces of this many bytes; X-Fake-Delay: seconds between pieces.
+    'long' is a JSON error whose message is 5000+ characters and contains a key-shaped secret.
+    Like real LLM servers it stops work when its client goes away (handler cancellation): ``cancelled``
+    counts handlers cancelled that way, ``aborted`` handlers whose write found the connection gone.
     """
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.cancelled = 0
+        self.aborted = 0
         self.app = web.Application()
         self.app.router.add_post("/v1/{tail:.*}", self.handle)
         self.app.router.add_get("/v1/models", self.models)
@@ -93,6 +97,10 @@ class FakeUpstream:
                                         content_type="text/html")  # fmt: skip
                 if shape == "empty":
                     return web.Response(status=status)
+                if shape == "long":
+                    message = "Incorrect API key provided: sk-proj-FAKE0123456789abcdef. " + "x" * 5000
+                    err = {"error": {"message": message, "type": "fake_error", "param": None, "code": None}}
+                    return web.json_response(err, status=status)
                 err = {"error": {"message": f"fake error {status}", "type": "fake_error", "param": None, "code": None}}
                 return web.json_response(err, status=status)
             if mode == "hang":
@@ -102,6 +110,9 @@ class FakeUpstream:
             return await self._openai(request, body, split, delay, cut=mode == "cut")
         except asyncio.CancelledError:
             self.cancelled += 1
+            raise
+        except ConnectionResetError:
+            self.aborted += 1
             raise
 
     async def _openai(self, request: web.Request, body: dict[str, Any], split: int, delay: float,
@@ -156,7 +167,7 @@ class FakeUpstream:
 @pytest.fixture
 async def fake_upstream() -> Any:
     fake = FakeUpstream()
-    fake.server = TestServer(fake.app, host="127.0.0.1")
+    fake.server = TestServer(fake.app, host="127.0.0.1", handler_cancellation=True)
     await fake.server.start_server()
     yield fake
     await fake.server.close()
