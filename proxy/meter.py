@@ -154,21 +154,23 @@ class Meter:
 
     def _anthropic_event(self, kind: Any, obj: dict[str, Any], now: float) -> None:
         if kind == "content_block_delta":
-            delta = obj.get("delta") or {}
-            field = _ANTHROPIC_OUTPUT.get(delta.get("type", ""))
+            # Wire values of the wrong type (a string delta, a list type, a numeric text) must not raise.
+            delta = _as_dict(obj.get("delta"))
+            dtype = delta.get("type")
+            field = _ANTHROPIC_OUTPUT.get(dtype) if isinstance(dtype, str) else None
             if field:
-                self.output_chars += len(delta.get(field) or "")
+                self.output_chars += _text_len(delta.get(field))
                 if self.first_output_at is None:
                     self.first_output_at = now
         elif kind == "message_start":
-            message = obj.get("message") or {}
+            message = _as_dict(obj.get("message"))  # not `or {}`: a non-dict must not raise
             if isinstance(message.get("model"), str):
                 self.model = message["model"]
             if isinstance(message.get("usage"), dict):
                 self._anthropic_usage = dict(message["usage"])
                 self.usage_raw = self._anthropic_usage
         elif kind == "message_delta":
-            delta = obj.get("delta") or {}
+            delta = _as_dict(obj.get("delta"))  # not `or {}`: a non-dict must not raise
             if isinstance(delta.get("stop_reason"), str):
                 self.finish_reason = delta["stop_reason"]
             if isinstance(obj.get("usage"), dict):
@@ -187,10 +189,10 @@ class Meter:
                 if self.first_output_at is None:
                     self.first_output_at = now
         elif kind in ("response.completed", "response.incomplete", "response.failed", "response.created"):
-            response = obj.get("response") or {}
+            response = _as_dict(obj.get("response"))  # not `or {}`: a non-dict must not raise
             self._responses_object(response)
             if kind == "response.failed":
-                err = response.get("error") or {}
+                err = _as_dict(response.get("error"))
                 self._error(category_for_stream_error(str(err.get("code") or "server_error")),
                             str(err.get("message") or "response.failed"))  # fmt: skip
         elif kind == "error":
@@ -262,12 +264,13 @@ class Meter:
                 self.finish_reason = obj["stop_reason"]
             self.output_chars += _text_len(obj.get("content"))
             return True
-        for choice in obj.get("choices") or ():
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else ():  # a non-list must not raise
             if isinstance(choice, dict):
                 if isinstance(choice.get("finish_reason"), str):
                     self.finish_reason = choice["finish_reason"]
                 self.output_chars += _text_len(choice.get("message")) + _text_len(choice.get("text"))
-        if self.usage_raw is None and isinstance((obj.get("x_groq") or {}).get("usage"), dict):
+        if self.usage_raw is None and isinstance(_as_dict(obj.get("x_groq")).get("usage"), dict):
             self.usage_raw = obj["x_groq"]["usage"]
         self._extras(obj)
         return True
@@ -284,20 +287,31 @@ class Meter:
         return U.from_raw(raw, self.service_tier)
 
 
-def _text_len(value: Any) -> int:
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+#: How deep _text_len/_all_text look: real payloads nest a few levels; orjson accepts 1024, which
+#: would overflow Python's recursion limit (RecursionError out of read_body or the record).
+_MAX_DEPTH = 32
+
+
+def _text_len(value: Any, depth: int = 0) -> int:
     """Count the characters of generated text in a response fragment, without keeping it."""
     if isinstance(value, str):
         return len(value)
+    if depth >= _MAX_DEPTH:
+        return 0
     if isinstance(value, list):
-        return sum(_text_len(v) for v in value)
+        return sum(_text_len(v, depth + 1) for v in value)
     if isinstance(value, dict):
         total = 0
         for key in ("content", "text", "reasoning_content", "reasoning", "refusal", "arguments", "thinking"):
             if key in value:
-                total += _text_len(value[key])
+                total += _text_len(value[key], depth + 1)
         for key in ("tool_calls", "function", "output", "summary"):
             if key in value:
-                total += _text_len(value[key])
+                total += _text_len(value[key], depth + 1)
         return total
     return 0
 
@@ -320,12 +334,15 @@ def estimate_output_tokens(chars: int) -> int:
     return (chars + 3) // 4
 
 
-def _all_text(value: Any) -> int:
+def _all_text(value: Any, depth: int = 0) -> int:
     if isinstance(value, str):
         return len(value)
+    if depth >= _MAX_DEPTH:  # see _MAX_DEPTH: a deeply nested request must not raise
+        return 0
     if isinstance(value, list):
-        return sum(_all_text(v) for v in value)
+        return sum(_all_text(v, depth + 1) for v in value)
     if isinstance(value, dict):
         # Inline images and audio are base64: their length says nothing about tokens.
-        return sum(_all_text(v) for k, v in value.items() if k not in ("image_url", "data", "input_audio"))
+        skip = ("image_url", "data", "input_audio")
+        return sum(_all_text(v, depth + 1) for k, v in value.items() if k not in skip)
     return 0

@@ -57,7 +57,10 @@ class SSEDecoder:
             start = end
         rest = buf[start:]
         if len(rest) > self._max:
-            # A runaway "event" with no blank line: drop it rather than grow without bound.
+            # A runaway "event" with no blank line: stop buffering it rather than grow without bound.
+            # Its bytes are still handed back, unparsed, as an opaque event with no data, so a caller
+            # that rebuilds the stream from Event.raw (Meter with strip_usage) loses none of them.
+            events.append(Event(event=None, data=b"", raw=rest))
             rest = b""
         self._buf = rest
         return events
@@ -65,7 +68,9 @@ class SSEDecoder:
     def flush(self) -> list[Event]:
         """Return a last event left without its blank line when the stream ended."""
         buf, self._buf = self._buf, b""
-        if not buf.strip():
+        # Whitespace-only leftovers (a stray trailing newline) are still returned, as an event without
+        # data: their bytes belong to the stream and a caller re-emitting Event.raw must pass them on.
+        if not buf:
             return []
         return [_parse(buf)]
 

@@ -7,6 +7,7 @@ token (reasoning included). Each wire shape is translated in exactly one functio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ def _int(value: Any) -> int:
     """Return value as a non-negative int; anything that is not a number counts as 0."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0  # NaN/inf: int() would raise; garbage counts as 0
     return max(int(value), 0)
 
 
@@ -51,12 +54,18 @@ def _dict(value: Any) -> dict[str, Any]:
 def _opt_float(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return out if math.isfinite(out) else None  # a NaN/inf cost is garbage, not a charge
 
 
 def _opt_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/inf: int() would raise
     return max(int(value), 0)
 
 

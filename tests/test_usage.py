@@ -1,0 +1,527 @@
+"""Usage in one meaning across dialects: every number below is worked out by hand from the wire shape."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import usage as U
+from proxy.usage import Usage
+
+# -- OpenAI Chat / Completions / Embeddings and everything that copies the shape ---------------
+
+OPENAI_CASES = [
+    pytest.param(
+        {"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
+         "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+         "completion_tokens_details": {"reasoning_tokens": 192, "audio_tokens": 0}},
+        Usage(input_tokens=2006, cached_input_tokens=1920, output_tokens=300, reasoning_tokens=192, total_tokens=2306),
+        id="openai-cached-and-reasoning",
+    ),
+    pytest.param(
+        {"prompt_tokens": 8, "total_tokens": 8},
+        Usage(input_tokens=8, total_tokens=8),
+        id="embeddings",
+    ),
+    pytest.param(
+        {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        Usage(input_tokens=5, output_tokens=7, total_tokens=12),
+        id="completions-no-details",
+    ),
+    pytest.param(
+        # DeepSeek: hit + miss = prompt; cached comes from the hit count.
+        {"prompt_tokens": 1024, "completion_tokens": 300, "total_tokens": 1324,
+         "prompt_cache_hit_tokens": 896, "prompt_cache_miss_tokens": 128,
+         "completion_tokens_details": {"reasoning_tokens": 180}},
+        Usage(input_tokens=1024, cached_input_tokens=896, output_tokens=300, reasoning_tokens=180, total_tokens=1324),
+        id="deepseek-hit-miss",
+    ),
+    pytest.param(
+        # DeepSeek-like without prompt_tokens: input is rebuilt as hit + miss = 10 + 5.
+        {"prompt_cache_hit_tokens": 10, "prompt_cache_miss_tokens": 5, "completion_tokens": 3},
+        Usage(input_tokens=15, cached_input_tokens=10, output_tokens=3, total_tokens=18),
+        id="deepseek-hit-miss-without-prompt",
+    ),
+    pytest.param(
+        # Hit count wins over prompt_tokens_details when both are present.
+        {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101, "prompt_cache_hit_tokens": 64,
+         "prompt_cache_miss_tokens": 36, "prompt_tokens_details": {"cached_tokens": 0}},
+        Usage(input_tokens=100, cached_input_tokens=64, output_tokens=1, total_tokens=101),
+        id="deepseek-hit-over-details",
+    ),
+    pytest.param(
+        # Gemini: 42 + 85 = 127 < 1151, the 1024 thinking tokens are only in the total.
+        {"prompt_tokens": 42, "completion_tokens": 85, "total_tokens": 1151},
+        Usage(input_tokens=42, output_tokens=1109, reasoning_tokens=1024, total_tokens=1151),
+        id="gemini-thinking-in-total",
+    ),
+    pytest.param(
+        # Gemini stream's last chunk: 9 + 12 = 21 < 140, so 119 hidden thinking tokens.
+        {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 140},
+        Usage(input_tokens=9, output_tokens=131, reasoning_tokens=119, total_tokens=140),
+        id="gemini-stream-final",
+    ),
+    pytest.param(
+        # Reasoning details (45) larger than the output (0 + 30 hidden): capped at the output.
+        {"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 40,
+         "completion_tokens_details": {"reasoning_tokens": 45}},
+        Usage(input_tokens=10, output_tokens=30, reasoning_tokens=30, total_tokens=40),
+        id="reasoning-capped-at-output",
+    ),
+    pytest.param(
+        # A total below prompt + completion is not trusted: total is recomputed as 10 + 5.
+        {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 12},
+        Usage(input_tokens=10, output_tokens=5, total_tokens=15),
+        id="total-too-small-recomputed",
+    ),
+    pytest.param(
+        {"prompt_tokens": 1540, "completion_tokens": 380, "total_tokens": 1920,
+         "prompt_tokens_details": {"cached_tokens": 1280}, "completion_tokens_details": {"reasoning_tokens": 256},
+         "cost": 0.00231, "is_byok": False},
+        Usage(input_tokens=1540, cached_input_tokens=1280, output_tokens=380, reasoning_tokens=256,
+              total_tokens=1920, upstream_cost_usd=0.00231),
+        id="openrouter-cost",
+    ),
+    pytest.param(
+        {"prompt_tokens": 194, "completion_tokens": 2, "total_tokens": 196, "cost": 0.95,
+         "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 100}},
+        Usage(input_tokens=194, cache_write_tokens=100, output_tokens=2, total_tokens=196, upstream_cost_usd=0.95),
+        id="openrouter-cache-write",
+    ),
+    pytest.param(
+        # OpenRouter BYOK: cost is only OpenRouter's fee, the provider's charge is added (0.5 + 0.25).
+        {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12, "cost": 0.5, "is_byok": True,
+         "cost_details": {"upstream_inference_cost": 0.25}},
+        Usage(input_tokens=10, output_tokens=2, total_tokens=12, upstream_cost_usd=0.75),
+        id="openrouter-byok",
+    ),
+    pytest.param(
+        {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12, "cost": 0.5, "is_byok": True,
+         "cost_details": {"upstream_inference_cost": "?"}},
+        Usage(input_tokens=10, output_tokens=2, total_tokens=12, upstream_cost_usd=0.5),
+        id="openrouter-byok-garbage-details",
+    ),
+    pytest.param(
+        {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12, "cost": 0.5, "is_byok": False,
+         "cost_details": {"upstream_inference_cost": 0.25}},
+        Usage(input_tokens=10, output_tokens=2, total_tokens=12, upstream_cost_usd=0.5),
+        id="openrouter-not-byok",
+    ),
+    pytest.param(
+        {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": 10**400},
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4),
+        id="cost-too-large-ignored",
+    ),
+    pytest.param(
+        {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": 0},
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4, upstream_cost_usd=0.0),
+        id="cost-zero-int",
+    ),
+    pytest.param(
+        {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": "0.5"},
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4),
+        id="cost-string-ignored",
+    ),
+    pytest.param(
+        {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": True},
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4),
+        id="cost-bool-ignored",
+    ),
+    pytest.param(
+        # xAI: cached inside prompt, total as reported.
+        {"prompt_tokens": 712, "completion_tokens": 45, "total_tokens": 757,
+         "prompt_tokens_details": {"text_tokens": 712, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 512},
+         "completion_tokens_details": {"reasoning_tokens": 0}, "num_sources_used": 0},
+        Usage(input_tokens=712, cached_input_tokens=512, output_tokens=45, total_tokens=757),
+        id="xai",
+    ),
+    pytest.param(
+        {"prompt_tokens": 10.0, "completion_tokens": 2.0, "total_tokens": 12.0},
+        Usage(input_tokens=10, output_tokens=2, total_tokens=12),
+        id="whole-floats",
+    ),
+    pytest.param(
+        {"prompt_tokens": "12", "completion_tokens": None, "total_tokens": [1],
+         "prompt_tokens_details": "x", "completion_tokens_details": 5},
+        Usage(),
+        id="garbage-counts-zero",
+    ),
+    pytest.param(
+        {"prompt_tokens": True, "completion_tokens": False, "total_tokens": True},
+        Usage(),
+        id="bools-count-zero",
+    ),
+    pytest.param(
+        {"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": -2},
+        Usage(output_tokens=3, total_tokens=3),
+        id="negative-counts-zero",
+    ),
+    pytest.param(
+        {"prompt_tokens": math.nan, "completion_tokens": math.inf, "total_tokens": -math.inf,
+         "prompt_tokens_details": {"cached_tokens": math.nan}, "cost": math.nan},
+        Usage(),
+        id="non-finite-floats-count-zero",
+    ),
+    pytest.param(
+        {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
+         "prompt_tokens_details": None, "completion_tokens_details": None},
+        Usage(),
+        id="all-null",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), OPENAI_CASES)
+def test_from_openai(raw: dict[str, Any], expected: Usage) -> None:
+    assert U.from_openai(raw) == expected
+    # from_raw sends every OpenAI-shaped block here.
+    assert U.from_raw(raw) == expected
+
+
+def test_from_openai_service_tier_passes_through() -> None:
+    got = U.from_openai({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "priority")
+    assert got.service_tier == "priority" and got.total_tokens == 2
+
+
+def test_groq_x_usage_is_openai_shaped() -> None:
+    raw = {"queue_time": 0.037494, "prompt_tokens": 18, "prompt_time": 0.000681, "completion_tokens": 556,
+           "completion_time": 0.463333, "total_tokens": 574, "total_time": 0.464014}  # fmt: skip
+    assert U.from_groq_x(raw) == Usage(input_tokens=18, output_tokens=556, total_tokens=574)
+
+
+def test_ollama_native() -> None:
+    body = {"prompt_eval_count": 26, "eval_count": 282, "prompt_eval_cached_count": 10}
+    assert U.from_ollama_native(body) == Usage(input_tokens=26, cached_input_tokens=10, output_tokens=282,
+                                               total_tokens=308)  # fmt: skip
+    assert U.from_ollama_native({"eval_count": "x"}) == Usage()
+
+
+# -- Anthropic Messages -------------------------------------------------------------------------
+
+ANTHROPIC_CASES = [
+    pytest.param(
+        # 12 uncached + 8000 read + 1500 written = 9512 input.
+        {"input_tokens": 12, "cache_creation_input_tokens": 1500, "cache_read_input_tokens": 8000,
+         "cache_creation": {"ephemeral_5m_input_tokens": 1500, "ephemeral_1h_input_tokens": 0},
+         "output_tokens": 250, "service_tier": "standard"},
+        Usage(input_tokens=9512, cached_input_tokens=8000, cache_write_tokens=1500, cache_write_5m_tokens=1500,
+              cache_write_1h_tokens=0, output_tokens=250, total_tokens=9762, service_tier="standard"),
+        id="cache-read-and-write-with-split",
+    ),
+    pytest.param(
+        # 8 uncached + 4096 written (1024 5m + 3072 1h) = 4104.
+        {"input_tokens": 8, "cache_creation_input_tokens": 4096, "cache_read_input_tokens": 0,
+         "cache_creation": {"ephemeral_5m_input_tokens": 1024, "ephemeral_1h_input_tokens": 3072},
+         "output_tokens": 57},
+        Usage(input_tokens=4104, cache_write_tokens=4096, cache_write_5m_tokens=1024, cache_write_1h_tokens=3072,
+              output_tokens=57, total_tokens=4161),
+        id="one-hour-split",
+    ),
+    pytest.param(
+        {"input_tokens": 20, "output_tokens": 1},
+        Usage(input_tokens=20, output_tokens=1, total_tokens=21),
+        id="no-cache-no-split",
+    ),
+    pytest.param(
+        {"input_tokens": 5, "cache_read_input_tokens": None, "cache_creation_input_tokens": None,
+         "output_tokens": 3},
+        Usage(input_tokens=5, output_tokens=3, total_tokens=8),
+        id="null-cache-fields",
+    ),
+    pytest.param(
+        {"input_tokens": 5, "cache_creation_input_tokens": 7, "cache_creation": {}, "output_tokens": 3},
+        Usage(input_tokens=12, cache_write_tokens=7, output_tokens=3, total_tokens=15),
+        id="empty-split-is-no-split",
+    ),
+    pytest.param(
+        {"input_tokens": 5, "output_tokens": 100, "output_tokens_details": {"thinking_tokens": 40}},
+        Usage(input_tokens=5, output_tokens=100, reasoning_tokens=40, total_tokens=105),
+        id="thinking-details",
+    ),
+    pytest.param(
+        {"input_tokens": "5", "cache_read_input_tokens": [3], "cache_creation": "x", "output_tokens": {},
+         "output_tokens_details": 7, "service_tier": 3},
+        Usage(),
+        id="garbage-counts-zero",
+    ),
+    pytest.param(
+        {"input_tokens": 5, "cache_creation_input_tokens": 2,
+         "cache_creation": {"ephemeral_5m_input_tokens": "2", "ephemeral_1h_input_tokens": None},
+         "output_tokens": 1},
+        Usage(input_tokens=7, cache_write_tokens=2, output_tokens=1, total_tokens=8),
+        id="garbage-split-is-none",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), ANTHROPIC_CASES)
+def test_from_anthropic(raw: dict[str, Any], expected: Usage) -> None:
+    assert U.from_anthropic(raw) == expected
+
+
+def test_from_anthropic_tier_argument_used_when_raw_has_none() -> None:
+    assert U.from_anthropic({"input_tokens": 1, "output_tokens": 1}, "batch").service_tier == "batch"
+    assert (
+        U.from_anthropic({"input_tokens": 1, "service_tier": "priority"}, "batch").service_tier == "priority"
+    )
+
+
+# -- OpenAI Responses ---------------------------------------------------------------------------
+
+RESPONSES_CASES = [
+    pytest.param(
+        {"input_tokens": 1850, "input_tokens_details": {"cached_tokens": 1536}, "output_tokens": 412,
+         "output_tokens_details": {"reasoning_tokens": 320}, "total_tokens": 2262},
+        Usage(input_tokens=1850, cached_input_tokens=1536, output_tokens=412, reasoning_tokens=320, total_tokens=2262),
+        id="cached-inside-input",
+    ),
+    pytest.param(
+        {"input_tokens": 2210, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 1024},
+         "output_tokens": 256, "output_tokens_details": {"reasoning_tokens": 256}, "total_tokens": 2466},
+        Usage(input_tokens=2210, cache_write_tokens=1024, output_tokens=256, reasoning_tokens=256, total_tokens=2466),
+        id="cache-write-all-reasoning",
+    ),
+    pytest.param(
+        {"input_tokens": 36, "output_tokens": 87, "total_tokens": 123},
+        Usage(input_tokens=36, output_tokens=87, total_tokens=123),
+        id="no-details",
+    ),
+    pytest.param(
+        {"input_tokens": None, "input_tokens_details": None, "output_tokens": "9", "output_tokens_details": []},
+        Usage(),
+        id="garbage-counts-zero",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), RESPONSES_CASES)
+def test_from_responses(raw: dict[str, Any], expected: Usage) -> None:
+    assert U.from_responses(raw) == expected
+    assert U.from_responses(raw, "flex").service_tier == "flex"
+
+
+# -- telling dialects apart ---------------------------------------------------------------------
+
+RAW_CASES = [
+    pytest.param({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+                 Usage(input_tokens=3, output_tokens=2, total_tokens=5), id="openai"),
+    pytest.param({"prompt_cache_hit_tokens": 4, "prompt_cache_miss_tokens": 1},
+                 Usage(input_tokens=5, cached_input_tokens=4, total_tokens=5), id="deepseek-only-hit-miss"),
+    # Anthropic: input excludes cache, so 10 + 5 read = 15 (the Responses reading would say 10).
+    pytest.param({"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 2},
+                 Usage(input_tokens=15, cached_input_tokens=5, output_tokens=2, total_tokens=17), id="anthropic"),
+    pytest.param({"input_tokens": 10, "cache_creation_input_tokens": 5, "output_tokens": 2},
+                 Usage(input_tokens=15, cache_write_tokens=5, output_tokens=2, total_tokens=17),
+                 id="anthropic-cache-write"),
+    pytest.param({"input_tokens": 10, "output_tokens": 2},
+                 Usage(input_tokens=10, output_tokens=2, total_tokens=12), id="anthropic-plain"),
+    # Responses: details present, cached inside input.
+    pytest.param({"input_tokens": 10, "input_tokens_details": {"cached_tokens": 5}, "output_tokens": 2,
+                  "total_tokens": 12},
+                 Usage(input_tokens=10, cached_input_tokens=5, output_tokens=2, total_tokens=12), id="responses"),
+    pytest.param({"input_tokens": 10, "output_tokens": 2, "total_tokens": 12},
+                 Usage(input_tokens=10, output_tokens=2, total_tokens=12), id="responses-total-only"),
+    pytest.param({"output_tokens": 7}, Usage(output_tokens=7, total_tokens=7), id="output-only"),
+    pytest.param({}, Usage(), id="empty"),
+    pytest.param({"foo": 1, "bar": "x"}, Usage(), id="unknown-keys"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), RAW_CASES)
+def test_from_raw(raw: dict[str, Any], expected: Usage) -> None:
+    assert U.from_raw(raw) == expected
+
+
+def test_from_raw_keeps_service_tier_when_nothing_is_known() -> None:
+    assert U.from_raw({}, "flex") == Usage(service_tier="flex")
+
+
+@pytest.mark.parametrize(
+    ("raw", "anthropic"),
+    [
+        ({"input_tokens": 1, "cache_read_input_tokens": 0}, True),
+        ({"input_tokens": 1, "cache_creation_input_tokens": 0}, True),
+        ({"input_tokens": 1, "cache_creation": {}}, True),
+        ({"input_tokens": 1, "output_tokens": 1}, True),
+        ({"input_tokens": 1, "input_tokens_details": {}}, False),
+        ({"input_tokens": 1, "total_tokens": 1}, False),
+        ({"output_tokens": 1}, False),
+    ],
+)
+def test_is_anthropic_usage(raw: dict[str, Any], anthropic: bool) -> None:
+    assert U.is_anthropic_usage(raw) is anthropic
+
+
+# -- Anthropic message_start + cumulative message_delta ---------------------------------------
+
+
+def test_merge_anthropic_output_is_replaced_not_added() -> None:
+    start = {
+        "input_tokens": 20,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 1,
+    }
+    merged = U.merge_anthropic(start, {"output_tokens": 250})
+    assert merged == {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                      "output_tokens": 250}  # fmt: skip
+    assert U.from_anthropic(merged).output_tokens == 250  # not 251
+    assert start["output_tokens"] == 1, "the message_start dict must not be mutated"
+
+
+def test_merge_anthropic_null_inputs_keep_start_values() -> None:
+    start = {"input_tokens": 12, "cache_read_input_tokens": 8000, "cache_creation_input_tokens": 1500,
+             "output_tokens": 1}  # fmt: skip
+    delta = {"input_tokens": None, "cache_read_input_tokens": None, "cache_creation_input_tokens": None,
+             "output_tokens": 250}  # fmt: skip
+    assert U.from_anthropic(U.merge_anthropic(start, delta)) == Usage(
+        input_tokens=9512,
+        cached_input_tokens=8000,
+        cache_write_tokens=1500,
+        output_tokens=250,
+        total_tokens=9762,
+    )
+
+
+def test_merge_anthropic_repeated_fields_overwrite_and_split_survives() -> None:
+    start = {"input_tokens": 8, "cache_creation_input_tokens": 4096, "cache_read_input_tokens": 0,
+             "cache_creation": {"ephemeral_5m_input_tokens": 1024, "ephemeral_1h_input_tokens": 3072},
+             "output_tokens": 3}  # fmt: skip
+    delta = {
+        "input_tokens": 8,
+        "cache_creation_input_tokens": 4096,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 57,
+    }
+    got = U.from_anthropic(U.merge_anthropic(start, delta))
+    assert got == Usage(input_tokens=4104, cache_write_tokens=4096, cache_write_5m_tokens=1024,
+                        cache_write_1h_tokens=3072, output_tokens=57, total_tokens=4161)  # fmt: skip
+
+
+def test_merge_anthropic_delta_with_new_input_overwrites() -> None:
+    merged = U.merge_anthropic(
+        {"input_tokens": 5, "output_tokens": 1}, {"input_tokens": 9, "output_tokens": 4}
+    )
+    assert merged == {"input_tokens": 9, "output_tokens": 4}
+
+
+def test_merge_anthropic_without_start() -> None:
+    assert U.merge_anthropic(None, {"input_tokens": None, "output_tokens": 7}) == {"output_tokens": 7}
+
+
+# -- what the upstream says about its own time -------------------------------------------------
+
+TIMING_CASES = [
+    pytest.param(
+        {"timings": {"prompt_n": 24, "prompt_ms": 52.318, "prompt_per_token_ms": 2.18, "predicted_n": 48,
+                     "predicted_ms": 1402.775, "predicted_per_second": 34.21789, "cache_n": 96}},
+        {"prompt_ms": 52.318, "generation_ms": 1402.775, "total_ms": 1455.093, "cached_prompt_tokens": 96,
+         "generation_tokens_per_second": 34.218},
+        id="llamacpp",
+    ),
+    pytest.param(
+        {"timings": {"prompt_ms": 10.5}},
+        {"prompt_ms": 10.5},
+        id="llamacpp-partial-no-total",
+    ),
+    pytest.param(
+        {"x_groq": {"id": "req_1", "usage": {"queue_time": 0.037494, "prompt_tokens": 18, "prompt_time": 0.000681,
+                                             "completion_tokens": 556, "completion_time": 0.463333,
+                                             "total_tokens": 574, "total_time": 0.464014}}},
+        {"queue_ms": 37.494, "prompt_ms": 0.681, "generation_ms": 463.333, "total_ms": 464.014},
+        id="groq-x_groq-seconds",
+    ),
+    pytest.param(
+        {"usage": {"queue_time": 0.052891, "prompt_tokens": 45, "prompt_time": 0.004128, "completion_tokens": 120,
+                   "completion_time": 0.218182, "total_tokens": 165, "total_time": 0.222309}},
+        {"queue_ms": 52.891, "prompt_ms": 4.128, "generation_ms": 218.182, "total_ms": 222.309},
+        id="groq-body-usage",
+    ),
+    pytest.param(
+        {"total_duration": 5191566416, "load_duration": 2154458, "prompt_eval_count": 26,
+         "prompt_eval_duration": 383809000, "eval_count": 298, "eval_duration": 4799921000},
+        {"total_ms": 5191.566, "load_ms": 2.154, "prompt_ms": 383.809, "generation_ms": 4799.921},
+        id="ollama-native-nanoseconds",
+    ),
+    pytest.param(
+        {"stats": {"tokens_per_second": 51.43709529007664, "time_to_first_token": 0.111, "generation_time": 0.954,
+                   "stop_reason": "eosFound"}},
+        {"ttft_ms": 111.0, "generation_ms": 954.0, "generation_tokens_per_second": 51.437},
+        id="lmstudio-seconds",
+    ),
+    pytest.param(
+        {"stats": {"time_to_first_token_seconds": 0.25}},
+        {"ttft_ms": 250.0},
+        id="lmstudio-seconds-key",
+    ),
+    pytest.param({}, None, id="nothing"),
+    pytest.param({"usage": {"prompt_tokens": 3, "completion_tokens": 1}}, None, id="plain-usage"),
+    pytest.param({"timings": "fast", "stats": [1], "x_groq": "x"}, None, id="wrong-types"),
+    pytest.param({"timings": {"prompt_ms": "12", "predicted_ms": None, "cache_n": True}}, None, id="garbage-values"),
+    pytest.param({"x_groq": {"usage": {"queue_time": "soon", "total_time": None}}}, None, id="groq-garbage"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "expected"), TIMING_CASES)
+def test_server_timing(body: dict[str, Any], expected: dict[str, float] | None) -> None:
+    got = U.server_timing(body)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected)
+        assert set(got) == set(expected)
+
+
+# -- nothing raises on anything ---------------------------------------------------------------
+
+_KEYS = [
+    "prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details",
+    "cached_tokens", "reasoning_tokens", "cache_write_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens",
+    "cost", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details",
+    "cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation", "ephemeral_5m_input_tokens",
+    "ephemeral_1h_input_tokens", "thinking_tokens", "service_tier", "timings", "prompt_ms", "predicted_ms",
+    "cache_n", "predicted_per_second", "x_groq", "usage", "queue_time", "prompt_time", "completion_time",
+    "total_time", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration", "stats",
+    "time_to_first_token", "generation_time", "tokens_per_second", "eval_count", "prompt_eval_count",
+]  # fmt: skip
+
+_SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5)
+)  # fmt: skip
+_KEY = st.sampled_from(_KEYS) | st.text(max_size=4)
+JSONISH = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEY, inner, max_size=6),
+    max_leaves=30,
+)
+DICTS = st.dictionaries(_KEY, JSONISH, max_size=10)
+
+
+def _sane(u: Usage) -> None:
+    for name in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+                 "total_tokens"):  # fmt: skip
+        value = getattr(u, name)
+        assert isinstance(value, int) and not isinstance(value, bool) and value >= 0, name
+    for name in ("cache_write_5m_tokens", "cache_write_1h_tokens"):
+        value = getattr(u, name)
+        assert value is None or (isinstance(value, int) and value >= 0), name
+    assert u.total_tokens == u.input_tokens + u.output_tokens
+
+
+@settings(max_examples=50, deadline=None)
+@given(raw=DICTS, other=DICTS)
+def test_random_dicts_never_raise(raw: dict[str, Any], other: dict[str, Any]) -> None:
+    for fn in (U.from_openai, U.from_anthropic, U.from_responses, U.from_raw, U.from_groq_x):
+        _sane(fn(raw))
+    _sane(U.from_ollama_native(raw))
+    merged = U.merge_anthropic(raw, other)
+    _sane(U.from_anthropic(merged))
+    assert U.merge_anthropic(None, other) is not None
+    U.is_anthropic_usage(raw)
+    timing = U.server_timing(raw)
+    assert timing is None or all(isinstance(v, float) for v in timing.values())
