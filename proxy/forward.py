@@ -140,9 +140,11 @@ class Forwarder:
 
     def _upstream_headers(self, request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
+        # RFC 9110 7.6.1: headers the client names in Connection are hop-by-hop too; drop them.
+        named = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
         for key, value in request.headers.items():
             low = key.lower()
-            if low in _HOP_BY_HOP or low in _CONSUMED or low.startswith(_TAG_PREFIX):
+            if low in _HOP_BY_HOP or low in _CONSUMED or low.startswith(_TAG_PREFIX) or low in named:
                 continue
             out.add(key, value)
         auth = self._auth.get(upstream.name)

@@ -53,6 +53,8 @@ class FakeUpstream:
     'status:<code>[:json|html|empty|long]', 'hang', 'cut' (close mid-stream), 'think:<seconds>'.
     X-Fake-Split: replay streams in pieces of this many bytes; X-Fake-Delay: seconds between pieces.
     'long' is a JSON error whose message is 5000+ characters and contains a key-shaped secret.
+    'cutbody': a 200 JSON answer whose connection closes after a few bytes of its announced length.
+    X-Fake-Cut: <n> with a stream fixture: replay its first n bytes, then drop the connection.
     Like real LLM servers it stops work when its client goes away (handler cancellation): ``cancelled``
     counts handlers cancelled that way, ``aborted`` handlers whose write found the connection gone.
     """
@@ -88,6 +90,9 @@ class FakeUpstream:
                 data, kind, _ = load_case(provider, case)
                 if kind == "json":
                     return web.Response(body=data, content_type="application/json")
+                cut_at = int(request.headers.get("X-Fake-Cut", "0"))
+                if cut_at:
+                    return await self._stream(request, [data[:cut_at]], split, delay, cut=True)
                 return await self._stream(request, [data], split, delay)
             if mode.startswith("status:"):
                 parts = mode.split(":")
@@ -103,6 +108,14 @@ class FakeUpstream:
                     return web.json_response(err, status=status)
                 err = {"error": {"message": f"fake error {status}", "type": "fake_error", "param": None, "code": None}}
                 return web.json_response(err, status=status)
+            if mode == "cutbody":
+                resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+                resp.content_length = 1000
+                await resp.prepare(request)
+                await resp.write(b'{"id": "chatcmpl-fake", "choices": [')
+                assert request.transport is not None
+                request.transport.close()
+                return resp
             if mode == "hang":
                 await asyncio.sleep(3600)
             if mode.startswith("think:"):
