@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -198,6 +199,8 @@ class Forwarder:
                         err.id, err.category, exc.status, call.request_id, err.detail)  # fmt: skip
             return errors.render(exc, err.id, call.request_id)
         except asyncio.CancelledError:
+            if call.status == 0:
+                call.status = 499  # nginx's "client closed request": no status was ever sent
             call.fail("proxy_shutdown" if self.shutting_down else "client_aborted",
                       "the proxy stopped before the call finished" if self.shutting_down
                       else "the client disconnected before the response was complete")  # fmt: skip
@@ -356,7 +359,12 @@ class Forwarder:
         end = perf_counter()
         meter = call.meter
         usage = meter.usage()
-        if usage is not None:
+        if usage is not None and not meter.usage_final:
+            # A stream cut before its final usage: keep the reported input side, estimate output.
+            out = max(usage.output_tokens, estimate_output_tokens(meter.output_chars))
+            usage = dataclasses.replace(usage, output_tokens=out, total_tokens=usage.input_tokens + out)
+            source = "estimated"
+        elif usage is not None:
             source = "upstream"
         elif call.ttfb is not None and call.status < 400 and call.request_obj is not None:
             # Billed but unreported (no usage from the server, or a stream cut short): estimate.
@@ -372,7 +380,8 @@ class Forwarder:
         duration = (end - call.t0) * 1000
         ttft = _ms(call.t0, meter.first_output_at) if call.stream else None
         window = duration - ttft if ttft is not None else duration
-        tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window > 0 else None
+        # Under 1 ms of generation time the rate says nothing but "the upstream sent it all at once".
+        tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window >= 1 else None
         provider = call.provider
         if call.headers_seen is not None and provider is None:
             provider = providers.from_response(call.headers_seen, meter.provider_hint, meter.usage_raw)

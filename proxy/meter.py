@@ -36,7 +36,7 @@ class Meter:
     __slots__ = (
         "endpoint", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
-        "service_tier", "_anthropic_usage",
+        "service_tier", "usage_final", "_anthropic_usage",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
@@ -56,6 +56,7 @@ class Meter:
         self.provider_hint: str | None = None
         self.service_tier: str | None = None
         self._anthropic_usage: dict[str, Any] | None = None
+        self.usage_final = True
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -169,6 +170,8 @@ class Meter:
             if isinstance(message.get("usage"), dict):
                 self._anthropic_usage = dict(message["usage"])
                 self.usage_raw = self._anthropic_usage
+                # message_start's output_tokens is a placeholder until message_delta arrives.
+                self.usage_final = False
         elif kind == "message_delta":
             delta = _as_dict(obj.get("delta"))  # not `or {}`: a non-dict must not raise
             if isinstance(delta.get("stop_reason"), str):
@@ -176,6 +179,7 @@ class Meter:
             if isinstance(obj.get("usage"), dict):
                 self._anthropic_usage = U.merge_anthropic(self._anthropic_usage, obj["usage"])
                 self.usage_raw = self._anthropic_usage
+                self.usage_final = True
         elif kind == "error":
             self._error_from(obj)
 

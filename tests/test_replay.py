@@ -93,7 +93,13 @@ async def test_replay_through_proxy(
     assert rec["finish_reason"] == expected["finish_reason"]
     assert rec["success"] is (not expected["stream_error"])
     assert (rec["error"] is not None) is expected["stream_error"]
-    if expected["usage"] is not None:
+    if expected["usage"] is not None and endpoint == "messages" and stream and expected["stream_error"]:
+        # Anthropic broke off before message_delta: message_start's output_tokens is only a
+        # placeholder, so output is estimated from the text seen; the input side stays as reported.
+        assert rec["usage_source"] == "estimated"
+        assert rec["input_tokens"] == expected["usage"]["input_tokens"]
+        assert rec["output_tokens"] > expected["usage"]["output_tokens"]
+    elif expected["usage"] is not None:
         assert rec["usage_source"] == "upstream"
         assert {f: rec[f] for f in USAGE_FIELDS} == expected["usage"]
     else:
