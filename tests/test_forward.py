@@ -52,3 +52,87 @@ async def test_invalid_run_id(proxy: ProxyUnderTest, bad: str) -> None:
     assert "not starting with '.'" in info.value.message
     await proxy.flush()
     assert sorted(p.name for p in proxy.runs_dir.iterdir()) == [".rejected.jsonl"]
+
+
+# -- what the client sees through the proxy equals a direct call -----------------------------------
+
+# (SDK call, X-Fake mode, stream?) for each metered endpoint; fixtures mode replays a payload file.
+MSGS = [{"role": "user", "content": "hi"}]
+CASES = [
+    pytest.param("chat", "", False, id="chat"),
+    pytest.param("chat", "", True, id="chat-stream-no-include-usage"),
+    pytest.param("chat_usage", "", True, id="chat-stream-include-usage"),
+    pytest.param("completions", "fixture:openai/completions_nonstream", False, id="completions"),
+    # The fixture always carries its usage chunk, so this client asks for it (nothing is stripped).
+    pytest.param("completions", "fixture:openai/completions_stream_usage", True, id="completions-stream"),
+    pytest.param("embeddings", "", False, id="embeddings"),
+    pytest.param("responses", "fixture:openai/responses_nonstream", False, id="responses"),
+    pytest.param("responses", "fixture:openai/responses_stream", True, id="responses-stream"),
+]
+
+
+def _call(c: openai.OpenAI, kind: str, stream: bool, fake: str) -> list[dict[str, object]]:
+    """Make one SDK call and return what the client saw, as plain dicts (ids included)."""
+    h = {"X-Fake": fake} if fake else {}
+    if kind == "embeddings":
+        return [c.embeddings.create(model="text-embedding-3-small", input="hi", extra_headers=h).model_dump()]
+    if kind == "completions":
+        opts = {"stream_options": {"include_usage": True}} if stream else {}
+        out = c.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", stream=stream,  # type: ignore[call-overload]
+                                   extra_headers=h, **opts)  # fmt: skip
+    elif kind == "responses":
+        out = c.responses.create(model="o4-mini", input="hi", stream=stream, extra_headers=h)
+    else:
+        opts = {"include_usage": True} if kind == "chat_usage" else None
+        out = c.chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=stream,  # type: ignore[call-overload]
+                                        extra_headers=h, **({"stream_options": opts} if opts else {}))  # fmt: skip
+    if not stream:
+        return [out.model_dump()]
+    return [event.model_dump() for event in out]
+
+
+async def _acall(c: openai.AsyncOpenAI, kind: str, stream: bool, fake: str) -> list[dict[str, object]]:
+    h = {"X-Fake": fake} if fake else {}
+    if kind == "embeddings":
+        return [(await c.embeddings.create(model="text-embedding-3-small", input="hi", extra_headers=h)).model_dump()]
+    if kind == "completions":
+        opts = {"stream_options": {"include_usage": True}} if stream else {}
+        out = await c.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", stream=stream,  # type: ignore[call-overload]
+                                         extra_headers=h, **opts)  # fmt: skip
+    elif kind == "responses":
+        out = await c.responses.create(model="o4-mini", input="hi", stream=stream, extra_headers=h)
+    else:
+        opts = {"include_usage": True} if kind == "chat_usage" else None
+        out = await c.chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=stream,  # type: ignore[call-overload]
+                                              extra_headers=h, **({"stream_options": opts} if opts else {}))  # fmt: skip
+    if not stream:
+        return [out.model_dump()]
+    return [event.model_dump() async for event in out]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+@pytest.mark.parametrize(("kind", "fake", "stream"), CASES)
+async def test_client_sees_what_a_direct_call_sees(
+    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, kind: str, fake: str, stream: bool, sync: bool
+) -> None:
+    import asyncio
+
+    async def run(base_url: str, headers: dict[str, str]) -> list[dict[str, object]]:
+        if sync:
+            c = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, default_headers=headers)
+            return await asyncio.to_thread(_call, c, kind, stream, fake)
+        ac = openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0, default_headers=headers)
+        return await _acall(ac, kind, stream, fake)
+
+    direct = await run(fake_upstream.base_url, {})
+    via = await run(proxy.base_url, {"X-Run-Id": "same"})
+    assert via == direct
+    [rec] = await proxy.wait_records("same", 1)
+    assert rec["success"] is True and rec["stream"] is stream and rec["usage_source"] == "upstream"
+    assert rec["input_tokens"] > 0 and rec["total_tokens"] == rec["input_tokens"] + rec["output_tokens"]
+    if kind == "embeddings":
+        assert rec["output_tokens"] == 0
+    else:
+        assert rec["output_tokens"] > 0 and rec["finish_reason"] is not None
+    assert (rec["ttft_ms"] is not None) is stream
+    assert rec["stream_usage_injected"] is (stream and kind == "chat")
