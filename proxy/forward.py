@@ -11,6 +11,7 @@ import re
 import time
 from datetime import UTC, datetime
 from time import perf_counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -38,6 +39,9 @@ _CONSUMED = frozenset({"x-run-id", "x-task-name"})
 _TAG_PREFIX = "x-meter-tag-"
 _MAX_TAGS = 32
 _MAX_TAG_LEN = 256
+
+
+Check = Callable[["Call", web.Request, dict[str, Any]], Awaitable[None]]
 
 
 class Router:
@@ -70,7 +74,7 @@ class Call:
     __slots__ = (
         "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "headers_seen",
+        "request_obj", "up", "headers_seen", "extra_headers",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, method: str) -> None:
@@ -95,6 +99,8 @@ class Call:
         self.request_obj: dict[str, Any] | None = None
         self.up: aiohttp.ClientResponse | None = None
         self.headers_seen: Any = None
+        self.extra_headers: dict[str, str] = {}
+        """Headers a pre-forward check wants on the client's response (e.g. budget spend)."""
 
     def fail(self, category: str, detail: str) -> ErrorInfo:
         """Mark the call failed (first failure wins) and return its error."""
@@ -123,6 +129,12 @@ class Forwarder:
         self.shutting_down = False
         self._auth = {u.name: f"Bearer {os.environ[u.api_key_env]}" for u in cfg.upstreams if u.api_key_env}
         self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
+        self.checks: list[Check] = []
+        """Run before a call is forwarded, in order; raise a ProxyError to refuse it (budgets)."""
+        self.observers: list[Callable[[Record], None]] = []
+        """Called with every record once it is queued (metrics, budgets, live event streams)."""
+        self.consumed_headers: set[str] = set(_CONSUMED)
+        """Lower-cased request headers the proxy reads itself and never sends upstream."""
 
     # -- request side ----------------------------------------------------------------------
 
@@ -141,11 +153,12 @@ class Forwarder:
 
     def _upstream_headers(self, request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
+        consumed = self.consumed_headers
         # RFC 9110 7.6.1: headers the client names in Connection are hop-by-hop too; drop them.
         named = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
         for key, value in request.headers.items():
             low = key.lower()
-            if low in _HOP_BY_HOP or low in _CONSUMED or low.startswith(_TAG_PREFIX) or low in named:
+            if low in _HOP_BY_HOP or low in consumed or low.startswith(_TAG_PREFIX) or low in named:
                 continue
             out.add(key, value)
         auth = self._auth.get(upstream.name)
@@ -167,6 +180,7 @@ class Forwarder:
                 call.upstream_request_id = upstream_id
                 out["X-Upstream-Request-Id"] = upstream_id
             out["X-Request-Id"] = call.request_id
+            out.update(call.extra_headers)
         return out
 
     def _url(self, upstream: Upstream, tail: str, query: str) -> str:
@@ -197,7 +211,9 @@ class Forwarder:
             err = call.fail(exc.category, exc.message)
             log.warning("call failed: error_id=%s category=%s status=%s request_id=%s: %s",
                         err.id, err.category, exc.status, call.request_id, err.detail)  # fmt: skip
-            return errors.render(exc, err.id, call.request_id)
+            resp = errors.render(exc, err.id, call.request_id)
+            resp.headers.update(call.extra_headers)
+            return resp
         except asyncio.CancelledError:
             if call.status == 0:
                 call.status = 499  # nginx's "client closed request": no status was ever sent
@@ -264,6 +280,8 @@ class Forwarder:
             )  # fmt: skip
         call.upstream = upstream
         call.provider = self._url_provider[upstream.name]
+        for check in self.checks:
+            await check(call, request, obj)
         if call.stream and call.meter.endpoint in ("chat", "completions") and upstream.inject_stream_usage:
             options = obj.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
@@ -434,6 +452,11 @@ class Forwarder:
             service_tier=usage.service_tier,
         )
         self.sink.write(call.run_id, record.to_json())
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:  # an observer's bug must never lose the call or its record
+                log.exception("record observer failed")
 
     # -- everything else under /v1 ---------------------------------------------------------
 
