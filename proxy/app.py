@@ -14,6 +14,7 @@ from proxy import errors
 from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.meter import ENDPOINTS
+from proxy.metrics import Metrics
 from proxy.records import JsonlSink
 
 log = logging.getLogger("metering_proxy")
@@ -21,6 +22,7 @@ log = logging.getLogger("metering_proxy")
 CONFIG = web.AppKey("config", Config)
 SINK = web.AppKey("sink", JsonlSink)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+METRICS = web.AppKey("metrics", Metrics)
 
 _METERED = "|".join(ENDPOINTS)
 
@@ -66,6 +68,8 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
     app[SINK] = sink = JsonlSink(cfg.runs_dir, cfg.flush_interval_s, fsync=cfg.fsync == "batch")
     # The client session needs a running loop: _resources plugs it in at start-up.
     app[FORWARDER] = Forwarder(cfg, None, sink, pricebook)
+    app[METRICS] = Metrics(sink)
+    app[FORWARDER].observers.append(app[METRICS].observe)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_on_shutdown)
 
@@ -79,6 +83,7 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
         app.router.add_post(prefix + "/v1/{tail:" + _METERED + "}", metered)
         app.router.add_route("*", prefix + "/v1/{tail:.*}", passthrough)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", app[METRICS].handle)
     return app
 
 
