@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,34 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetRule:
+    """Spending limits for the runs whose id matches a glob; None means no limit."""
+
+    match: str = "*"
+    usd: float | None = None
+    tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """Run budgets: the default applies to every run, plus the first matching rule; stricter wins."""
+
+    default: BudgetRule = BudgetRule()
+    runs: tuple[BudgetRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may use the proxy: proxy keys for /v1, an admin token for /runs, /ui and /metrics."""
+
+    proxy_keys: tuple[str, ...] = field(default=(), repr=False)
+    proxy_keys_env: str | None = None
+    """Environment variable holding comma-separated proxy keys (added to proxy_keys)."""
+    admin_token: str | None = field(default=None, repr=False)
+    admin_token_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything the proxy needs to run; CLI flags override the YAML file."""
 
@@ -73,6 +102,10 @@ class Config:
     prices_file: Path | None = None
     custom_prices: tuple[Any, ...] = ()
     log_level: str = "info"
+    event_loop: str = "auto"
+    """auto (uvloop when installed, else asyncio), asyncio or uvloop."""
+    budgets: Budgets = field(default_factory=Budgets)
+    access: Access = field(default_factory=Access)
 
 
 def _fail(key: str, why: str) -> ConfigError:
@@ -162,8 +195,64 @@ def _upstream(raw: Any, i: int) -> Upstream:
 TOP_KEYS = {
     "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes",
     "max_header_bytes", "max_connections", "flush_interval_ms", "fsync", "on_record_failure",
-    "shutdown_grace_s", "prices", "log_level",
+    "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access",
 }  # fmt: skip
+
+
+def _limits(raw: Any, path: str, match: str | None) -> BudgetRule:
+    if not isinstance(raw, dict):
+        raise _fail(path.rstrip("."), "must be a mapping with usd and/or tokens")
+    _check_keys(raw, {"usd", "tokens"} if match is None else {"match", "usd", "tokens"}, path)
+    usd = _num(raw, "usd", path, None, allow_none=True)
+    if usd is not None and not math.isfinite(usd):
+        raise _fail(f"{path}usd", "must be a finite number")
+    tokens = _num(raw, "tokens", path, None, allow_none=True, integer=True)
+    return BudgetRule(match=match or "*", usd=usd, tokens=tokens)
+
+
+def _budgets(raw: Any) -> Budgets:
+    if raw is None:
+        return Budgets()
+    if not isinstance(raw, dict):
+        raise _fail("budgets", "must be a mapping with default and/or runs")
+    _check_keys(raw, {"default", "runs"}, "budgets.")
+    default_raw = raw.get("default")
+    default = BudgetRule() if default_raw is None else _limits(default_raw, "budgets.default.", None)
+    runs_raw = raw.get("runs") or []
+    if not isinstance(runs_raw, list):
+        raise _fail("budgets.runs", "must be a list of {match, usd, tokens}")
+    runs = []
+    for i, rule in enumerate(runs_raw):
+        match = _str(rule, "match", f"budgets.runs[{i}].", None) if isinstance(rule, dict) else None
+        if match is None:
+            raise _fail(f"budgets.runs[{i}].match", "is required: a glob on the run id, e.g. 'eval-*'")
+        runs.append(_limits(rule, f"budgets.runs[{i}].", match))
+    return Budgets(default=default, runs=tuple(runs))
+
+
+def _env_value(raw: dict[str, Any], key: str) -> str | None:
+    name = _str(raw, key, "access.", None)
+    if name is not None and not os.environ.get(name, "").strip():
+        raise _fail(f"access.{key}", f"environment variable {name} is not set")
+    return name
+
+
+def _access(raw: Any) -> Access:
+    if raw is None:
+        return Access()
+    if not isinstance(raw, dict):
+        raise _fail("access", "must be a mapping")
+    _check_keys(raw, {"proxy_keys", "proxy_keys_env", "admin_token", "admin_token_env"}, "access.")
+    keys = raw.get("proxy_keys") or []
+    if isinstance(keys, str):
+        keys = [keys]
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k and k.split() == [k] for k in keys):
+        raise _fail("access.proxy_keys", "must be a list of non-empty strings without spaces")
+    admin = _str(raw, "admin_token", "access.", None)
+    if admin is not None and admin.split() != [admin]:
+        raise _fail("access.admin_token", "must not contain spaces")
+    return Access(proxy_keys=tuple(keys), proxy_keys_env=_env_value(raw, "proxy_keys_env"), admin_token=admin,
+                  admin_token_env=_env_value(raw, "admin_token_env"))  # fmt: skip
 
 
 def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
@@ -227,6 +316,9 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         prices_file=resolve(prices_file) if prices_file else None,
         custom_prices=custom,
         log_level=log_level,
+        event_loop=_choice(raw, "event_loop", d.event_loop, ("auto", "asyncio", "uvloop")),
+        budgets=_budgets(raw.get("budgets")),
+        access=_access(raw.get("access")),
     )
 
 

@@ -28,6 +28,8 @@ CATEGORIES = frozenset(
         "client_aborted",  # the client went away before the response was complete
         "recording_unavailable",  # the runs dir cannot be written and calls are refused
         "proxy_shutdown",  # the proxy stopped before the call finished (grace period ran out)
+        "budget_exceeded",  # the run's USD/token budget is spent, or this call's reservation would cross it
+        "unauthorized",  # missing or wrong proxy key (record in .rejected.jsonl)
         "unknown",
     }
 )
@@ -113,6 +115,18 @@ class RecordingUnavailable(ProxyError):
     status = 503
     type = "server_error"
     category = "recording_unavailable"
+
+
+class BudgetExceeded(ProxyError):
+    status = 429
+    type = "budget_exceeded"
+    category = "budget_exceeded"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    category = "unauthorized"
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -37,6 +37,14 @@ def test_overrides() -> None:
         ("fsync: sometimes", "fsync"),
         ("default_run_id: ../x", "default_run_id"),
         ("on_record_failure: drop", "on_record_failure"),
+        ("budgets: {default: {usd: -1}}", "budgets.default.usd"),
+        ("budgets: {default: {usd: .nan}}", "budgets.default.usd"),
+        ("budgets: {runs: [{usd: 1}]}", "budgets.runs[0].match"),
+        ("budgets: {runs: [{match: 'e-*', tokens: 1.5}]}", "budgets.runs[0].tokens"),
+        ("budgets: {runs: [{match: 'e-*', dollars: 1}]}", "budgets.runs[0].dollars"),
+        ("access: {proxy_keys: ['two words']}", "access.proxy_keys"),
+        ("access: {proxy_keys_env: MP_TEST_UNSET_VAR}", "access.proxy_keys_env"),
+        ("access: {admin_token_env: MP_TEST_UNSET_VAR}", "access.admin_token_env"),
     ],
 )
 def test_invalid_config_exits_2_naming_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], yaml_text: str,
@@ -55,3 +63,15 @@ def test_unreadable_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("port: [1,\n")
     with pytest.raises(C.ConfigError, match="not valid YAML"):
         C.load(bad)
+
+
+def test_budgets_and_access_parse() -> None:
+    import yaml
+
+    cfg = C.from_mapping(yaml.safe_load(
+        "budgets: {default: {usd: 20, tokens: 5000000}, runs: [{match: 'eval-*', usd: 2.5}]}\n"
+        "access: {proxy_keys: [k1, k2], admin_token: adm}\n"
+    ))  # fmt: skip
+    assert cfg.budgets == C.Budgets(default=C.BudgetRule(usd=20, tokens=5_000_000),
+                                    runs=(C.BudgetRule(match="eval-*", usd=2.5),))  # fmt: skip
+    assert cfg.access == C.Access(proxy_keys=("k1", "k2"), admin_token="adm")
