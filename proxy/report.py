@@ -1,0 +1,519 @@
+"""Read runs/<run_id>.jsonl files, one line at a time, and summarise them: totals, percentiles, breakdowns.
+
+Memory stays small whatever the file size: a record is folded into counters as soon as it is read and
+only its duration and TTFT are kept (8 bytes each, for the exact percentiles). Lines that are not a
+record (a torn last line from a writer killed mid-write, a blank or corrupt line) are skipped and
+counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+from array import array
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from proxy.config import RUN_ID_RE
+
+SCHEMA = "metering-proxy.report/1"
+BY_FIELDS = ("model", "task", "upstream")
+TOP_N = 5
+MAX_NOTES = 20
+#: Calls a run view (the /ui page, report --html) shows on its timeline: the most recent ones.
+VIEW_CALLS = 5000
+#: Record fields a run view needs for its timeline and failed-call list.
+VIEW_FIELDS = ("ts", "request_id", "model", "requested_model", "task", "status", "success", "duration_ms",
+               "ttft_ms", "input_tokens", "output_tokens", "cost_usd", "error")  # fmt: skip
+
+
+class RunNotFound(LookupError):
+    """No runs/<run_id>.jsonl file exists (or the id is not a valid run id)."""
+
+
+class Call(NamedTuple):
+    """What a summary needs from one record, type-checked."""
+
+    start: float
+    duration_ms: float
+    ttft_ms: float | None
+    success: bool
+    status: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_usd: float | None
+    estimated: bool
+    tokens_per_second: float | None
+    error: str | None
+    request_id: str
+    ts: str
+    model: str | None
+    task: str | None
+    upstream: str | None
+    tags: dict[str, Any]
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _epoch(ts: str) -> float:
+    """Return the epoch seconds of an ISO 8601 timestamp (naive means UTC)."""
+    dt = datetime.fromisoformat(ts)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def iso(epoch: float) -> str:
+    """Return epoch seconds as UTC ISO 8601 with milliseconds, like a record's ts."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_call(obj: Any) -> Call:
+    """Return the Call in a parsed record; raise TypeError/ValueError when it is not a record."""
+    if not isinstance(obj, dict):
+        raise TypeError("not a JSON object")
+    ts = obj.get("ts")
+    if not isinstance(ts, str):
+        raise TypeError("no ts")
+    error = obj.get("error")
+    tags = obj.get("tags")
+    model = obj.get("model") or obj.get("requested_model")
+    task = obj.get("task")
+    upstream = obj.get("upstream")
+    return Call(
+        start=_epoch(ts),
+        duration_ms=float(obj.get("duration_ms") or 0.0),
+        ttft_ms=_opt_float(obj.get("ttft_ms")),
+        success=obj.get("success") is True,
+        status=int(obj.get("status") or 0),
+        input_tokens=int(obj.get("input_tokens") or 0),
+        cached_input_tokens=int(obj.get("cached_input_tokens") or 0),
+        cache_write_tokens=int(obj.get("cache_write_tokens") or 0),
+        output_tokens=int(obj.get("output_tokens") or 0),
+        reasoning_tokens=int(obj.get("reasoning_tokens") or 0),
+        cost_usd=_opt_float(obj.get("cost_usd")),
+        estimated=obj.get("usage_source") == "estimated",
+        tokens_per_second=_opt_float(obj.get("tokens_per_second")),
+        error=str(error.get("category") or "unknown") if isinstance(error, dict) else None,
+        request_id=str(obj.get("request_id") or ""),
+        ts=ts,
+        model=model if isinstance(model, str) else None,
+        task=task if isinstance(task, str) else None,
+        upstream=upstream if isinstance(upstream, str) else None,
+        tags=tags if isinstance(tags, dict) else {},
+    )
+
+
+def nearest_rank(ordered: list[float], p: int) -> float | None:
+    """Return the p-th percentile by the nearest-rank method: the ceil(p/100*n)-th smallest value."""
+    n = len(ordered)
+    if n == 0:
+        return None
+    return ordered[max(1, (p * n + 99) // 100) - 1]
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class Stats:
+    """Counters for a set of calls (a run or one group of a breakdown), folded in one call at a time."""
+
+    __slots__ = (
+        "calls", "ok", "input", "cached", "cache_write", "output", "reasoning", "cost", "priced",
+        "unknown_cost", "est_cost", "est_calls", "first_start", "last_end", "call_ms", "tps_sum", "tps_n",
+        "dur_max", "ttft_n", "ttft_sum", "ttft_max", "errors", "durations", "ttfts",
+    )  # fmt: skip
+
+    def __init__(self, samples: bool = True) -> None:
+        self.calls = self.ok = self.input = self.cached = self.cache_write = self.output = self.reasoning = 0
+        self.cost = self.est_cost = self.call_ms = self.tps_sum = self.ttft_sum = 0.0
+        self.priced = self.unknown_cost = self.est_calls = self.tps_n = self.ttft_n = 0
+        self.first_start = math.inf
+        self.last_end = -math.inf
+        self.dur_max = self.ttft_max = -math.inf
+        self.errors: dict[str, int] = {}
+        # Exact percentiles need every value; None when only totals are wanted (GET /runs).
+        self.durations: array[float] | None = array("d") if samples else None
+        self.ttfts: array[float] | None = array("d") if samples else None
+
+    def add(self, c: Call) -> None:
+        """Fold one call in."""
+        self.calls += 1
+        if c.success:
+            self.ok += 1
+        self.input += c.input_tokens
+        self.cached += c.cached_input_tokens
+        self.cache_write += c.cache_write_tokens
+        self.output += c.output_tokens
+        self.reasoning += c.reasoning_tokens
+        if c.cost_usd is not None:
+            self.cost += c.cost_usd
+            self.priced += 1
+            if c.estimated:
+                self.est_cost += c.cost_usd
+        elif c.input_tokens or c.output_tokens:
+            self.unknown_cost += 1
+        if c.estimated:
+            self.est_calls += 1
+        if c.start < self.first_start:
+            self.first_start = c.start
+        end = c.start + c.duration_ms / 1000
+        if end > self.last_end:
+            self.last_end = end
+        self.call_ms += c.duration_ms
+        if c.duration_ms > self.dur_max:
+            self.dur_max = c.duration_ms
+        if c.tokens_per_second is not None:
+            self.tps_sum += c.tokens_per_second
+            self.tps_n += 1
+        if c.ttft_ms is not None:
+            self.ttft_n += 1
+            self.ttft_sum += c.ttft_ms
+            if c.ttft_ms > self.ttft_max:
+                self.ttft_max = c.ttft_ms
+            if self.ttfts is not None:
+                self.ttfts.append(c.ttft_ms)
+        if self.durations is not None:
+            self.durations.append(c.duration_ms)
+        if c.error is not None:
+            self.errors[c.error] = self.errors.get(c.error, 0) + 1
+
+    def _dist(self, values: array[float] | None, n: int, total: float, top: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": n}
+        if values is not None:  # GET /runs totals keep no samples, so no percentiles
+            ordered = sorted(values)
+            out["p50"] = _r(nearest_rank(ordered, 50))
+            out["p95"] = _r(nearest_rank(ordered, 95))
+        out["max"] = _r(top) if n else None
+        out["mean"] = _r(total / n) if n else None
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the documented JSON shape (calls, tokens, cost_usd, time, duration_ms, ttft_ms, errors)."""
+        wall = self.last_end - self.first_start if self.calls else None
+        return {
+            "calls": {"total": self.calls, "ok": self.ok, "failed": self.calls - self.ok},
+            "tokens": {
+                "input": self.input,
+                "cached_input": self.cached,
+                "cache_write": self.cache_write,
+                "output": self.output,
+                "reasoning": self.reasoning,
+                "total": self.input + self.output,
+            },  # fmt: skip
+            "cost_usd": {
+                "total": round(self.cost, 9),
+                "priced_calls": self.priced,
+                "unknown_calls": self.unknown_cost,
+                "estimated": round(self.est_cost, 9),
+                "estimated_calls": self.est_calls,
+            },  # fmt: skip
+            "time": {
+                "first_start": iso(self.first_start) if self.calls else None,
+                "last_end": iso(self.last_end) if self.calls else None,
+                "wall_s": _r(wall),
+                "call_time_s": _r(self.call_ms / 1000),
+                "tokens_per_second_mean": _r(self.tps_sum / self.tps_n) if self.tps_n else None,
+                "output_tokens_per_wall_s": _r(self.output / wall) if wall else None,
+            },
+            "duration_ms": self._dist(self.durations, self.calls, self.call_ms, self.dur_max),
+            "ttft_ms": self._dist(self.ttfts, self.ttft_n, self.ttft_sum, self.ttft_max),
+            "errors": dict(sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))),
+        }
+
+
+def check_by(spec: str) -> str:
+    """Return a valid --by spec (model, task, upstream or tag:NAME) or raise ValueError."""
+    if spec in BY_FIELDS or (spec.startswith("tag:") and len(spec) > 4):
+        return spec
+    raise ValueError(f"--by must be model, task, upstream or tag:NAME (got {spec!r})")
+
+
+def _group_key(spec: str, c: Call) -> str | None:
+    if spec == "model":
+        return c.model
+    if spec == "task":
+        return c.task
+    if spec == "upstream":
+        return c.upstream
+    value = c.tags.get(spec[4:].lower())
+    return None if value is None else str(value)
+
+
+def _brief(c: Call) -> dict[str, Any]:
+    return {
+        "request_id": c.request_id, "ts": c.ts, "model": c.model, "task": c.task, "upstream": c.upstream,
+        "status": c.status, "success": c.success, "duration_ms": c.duration_ms, "ttft_ms": c.ttft_ms,
+        "input_tokens": c.input_tokens, "output_tokens": c.output_tokens, "cost_usd": c.cost_usd,
+        "error": c.error,
+    }  # fmt: skip
+
+
+class LineReader:
+    """Turns lines into Calls, counting and noting the lines that are not records."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.skipped = 0
+        self.notes: list[str] = []
+
+    def take(self, lineno: int, line: bytes, terminated: bool = True) -> tuple[Call, Any] | None:
+        """Return (call, parsed record) for a record line; None (and a note) for anything else."""
+        body = line.strip()
+        if not body:
+            self._skip(lineno, "blank line")
+            return None
+        try:
+            obj = orjson.loads(body)
+            call = parse_call(obj)
+        except (ValueError, TypeError, OverflowError) as exc:
+            why = (
+                "torn last line (no newline at the end: writer stopped mid-write)"
+                if not terminated
+                else (f"not a record ({exc if isinstance(exc, TypeError) else 'invalid JSON or field'})")
+            )
+            self._skip(lineno, why)
+            return None
+        self.records += 1
+        return call, obj
+
+    def _skip(self, lineno: int, why: str) -> None:
+        self.skipped += 1
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(f"line {lineno}: {why}; skipped")
+        elif len(self.notes) == MAX_NOTES:
+            self.notes.append("further skipped lines not listed")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield (line number, line, ends with newline) from a file, streaming."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line, line.endswith(b"\n")
+
+
+def run_path(runs_dir: Path, run_id: str) -> Path:
+    """Return the file of a run; RunNotFound for an invalid id (no path tricks) or a missing file."""
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise RunNotFound(f"invalid run id {run_id[:40]!r}")
+    path = runs_dir / f"{run_id}.jsonl"
+    if not path.is_file():
+        raise RunNotFound(f"no run {run_id!r} in {runs_dir}")
+    return path
+
+
+def list_runs(runs_dir: Path) -> list[str]:
+    """Return the run ids that have a file in runs_dir, sorted."""
+    try:
+        names = os.listdir(runs_dir)
+    except OSError:
+        return []
+    return sorted(n[:-6] for n in names if n.endswith(".jsonl") and RUN_ID_RE.fullmatch(n[:-6]))
+
+
+class RunSummary:
+    """A run's figures, folded in line by line; update() reads only what was appended since its last call."""
+
+    def __init__(
+        self,
+        path: Path,
+        run_id: str,
+        by: Iterable[str] = ("model",),
+        view_calls: int = 0,
+        samples: bool = True,
+    ) -> None:
+        self.path = path
+        self.run_id = run_id
+        self.specs = list(dict.fromkeys(by))
+        self.samples = samples
+        self.view_limit = view_calls
+        self._reset(None)
+
+    def _reset(self, ino: int | None) -> None:
+        self.ino = ino
+        self.offset = 0
+        self.lineno = 0
+        self.mtime = 0.0
+        self.tail_note: str | None = None
+        self.stats = Stats(self.samples)
+        self.reader = LineReader()
+        self.breakdowns: dict[str, dict[str | None, Stats]] = {spec: {} for spec in self.specs}
+        self._slow: list[tuple[float, int, Call]] = []
+        self._dear: list[tuple[float, int, Call]] = []
+        self._recent: deque[dict[str, Any]] = deque(maxlen=self.view_limit)
+
+    def update(self, final: bool = True) -> None:
+        """Fold in the lines appended since the last update (blocking: run it in a thread off the loop).
+
+        final=False (a file that may be written to right now) leaves an unterminated last line for
+        the next update instead of judging it: it may be a line the writer has not finished.
+        """
+        st = os.stat(self.path)
+        if st.st_ino != self.ino or st.st_size < self.offset:  # a new or truncated file: start over
+            self._reset(st.st_ino)
+        self.mtime = st.st_mtime
+        self.tail_note = None
+        if st.st_size == self.offset:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for line in f:
+                terminated = line.endswith(b"\n")
+                if not terminated and not final:
+                    if line.strip():
+                        self.tail_note = (
+                            f"line {self.lineno + 1}: last line incomplete (being written, or torn by a"
+                            " writer stopped mid-write); not counted yet"
+                        )
+                    break
+                self.offset += len(line)
+                self.lineno += 1
+                self._fold(line, terminated)
+
+    def _fold(self, line: bytes, terminated: bool) -> None:
+        lineno = self.lineno
+        taken = self.reader.take(lineno, line, terminated)
+        if taken is None:
+            return
+        call, obj = taken
+        self.stats.add(call)
+        for spec in self.specs:
+            key = _group_key(spec, call)
+            groups = self.breakdowns[spec]
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Stats(self.samples)
+            group.add(call)
+        # Bounded heaps; on ties the earlier call stays (-lineno sorts it higher).
+        item = (call.duration_ms, -lineno, call)
+        if len(self._slow) < TOP_N:
+            heapq.heappush(self._slow, item)
+        elif item[:2] > self._slow[0][:2]:
+            heapq.heapreplace(self._slow, item)
+        if call.cost_usd is not None:
+            item = (call.cost_usd, -lineno, call)
+            if len(self._dear) < TOP_N:
+                heapq.heappush(self._dear, item)
+            elif item[:2] > self._dear[0][:2]:
+                heapq.heapreplace(self._dear, item)
+        if self.view_limit:
+            self._recent.append({k: obj.get(k) for k in VIEW_FIELDS})
+
+    @property
+    def slowest(self) -> list[Call]:
+        """The TOP_N longest calls, longest first."""
+        return [c for *_, c in sorted(self._slow, key=lambda t: t[:2], reverse=True)]
+
+    @property
+    def most_expensive(self) -> list[Call]:
+        """The TOP_N costliest priced calls, costliest first."""
+        return [c for *_, c in sorted(self._dear, key=lambda t: t[:2], reverse=True)]
+
+    @property
+    def view_calls(self) -> list[dict[str, Any]]:
+        """The most recent calls (VIEW_FIELDS of each) kept for a run view."""
+        return list(self._recent)
+
+    def _head(self) -> dict[str, Any]:
+        tail = [self.tail_note] if self.tail_note else []
+        return {
+            "run_id": self.run_id, "file": str(self.path), "records": self.reader.records,
+            "skipped_lines": self.reader.skipped + len(tail), "notes": self.reader.notes + tail,
+        }  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the run's summary in the documented shape."""
+        out = self._head()
+        out.update(self.stats.to_json())
+        out["breakdown"] = {
+            spec: [{"key": key, **stats.to_json()} for key, stats in _ordered(groups)]
+            for spec, groups in self.breakdowns.items()
+        }
+        out["slowest"] = [_brief(c) for c in self.slowest]
+        out["most_expensive"] = [_brief(c) for c in self.most_expensive]
+        return out
+
+    def totals_json(self) -> dict[str, Any]:
+        """Return the run's entry for GET /runs: totals without percentiles, breakdowns or top lists."""
+        out = self._head()
+        del out["notes"], out["file"]
+        out["size_bytes"] = self.offset
+        out["modified"] = iso(self.mtime) if self.offset else None
+        out.update(self.stats.to_json())
+        return out
+
+
+def _ordered(groups: dict[str | None, Stats]) -> list[tuple[str | None, Stats]]:
+    """Heaviest first: by cost, then calls, then name."""
+    return sorted(groups.items(), key=lambda kv: (-kv[1].cost, -kv[1].calls, kv[0] is None, kv[0] or ""))
+
+
+def summarize(path: Path, run_id: str, by: Iterable[str] = ("model",), view_calls: int = 0) -> RunSummary:
+    """Read a whole run file once and return its summary; view_calls keeps that many recent calls."""
+    summary = RunSummary(path, run_id, by, view_calls)
+    summary.update(final=True)
+    return summary
+
+
+#: Metrics compared between runs: (JSON section, key).
+COMPARED = (
+    ("calls", "total"), ("calls", "ok"), ("calls", "failed"),
+    ("tokens", "input"), ("tokens", "cached_input"), ("tokens", "cache_write"), ("tokens", "output"),
+    ("tokens", "reasoning"),
+    ("cost_usd", "total"), ("cost_usd", "unknown_calls"), ("cost_usd", "estimated"),
+    ("time", "wall_s"), ("time", "call_time_s"), ("time", "tokens_per_second_mean"),
+    ("time", "output_tokens_per_wall_s"),
+    ("duration_ms", "p50"), ("duration_ms", "p95"), ("duration_ms", "max"),
+    ("ttft_ms", "p50"), ("ttft_ms", "p95"), ("ttft_ms", "max"),
+)  # fmt: skip
+
+
+def _delta(base: float | None, value: float | None) -> dict[str, Any]:
+    delta = None if base is None or value is None else round(value - base, 9)
+    pct = round(delta / base * 100, 2) if delta is not None and base else None
+    return {"baseline": base, "value": value, "delta": delta, "pct": pct}
+
+
+def comparison(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return each run's deltas against the first run (the baseline); None for a single run."""
+    if len(runs) < 2:
+        return None
+    base = runs[0]
+    return {
+        "baseline": base["run_id"],
+        "runs": [
+            {"run_id": run["run_id"],
+             "metrics": {f"{sec}.{key}": _delta(base[sec][key], run[sec][key]) for sec, key in COMPARED}}
+            for run in runs[1:]
+        ],
+    }  # fmt: skip
+
+
+def report_json(summaries: list[RunSummary]) -> dict[str, Any]:
+    """Return the whole report document: schema, runs, comparison."""
+    runs = [s.to_json() for s in summaries]
+    return {"schema": SCHEMA, "runs": runs, "comparison": comparison(runs)}
+
+
+def records_since(path: Path, since: int) -> Generator[bytes, None, None]:
+    """Yield the record lines of a run from the since-th record (0-based; lines that are not records
+    do not count), complete lines only (blocking: iterate it in a thread)."""
+    reader = LineReader()
+    for lineno, line, terminated in iter_lines(path):
+        if not terminated:
+            return  # still being written
+        before = reader.records
+        if reader.take(lineno, line) is not None and before >= since:
+            yield line

@@ -1,0 +1,302 @@
+"""HTTP views of the runs: GET /runs, /runs/{id}, /runs/{id}/records, /runs/{id}/events (SSE), /ui.
+
+Files are read in worker threads, never on the event loop. Live events come from a Forwarder observer
+that hands each record to the subscribers of its run: one dict lookup per call while nobody watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import errors, report, ui
+from proxy.config import RUN_ID_RE
+from proxy.records import Record
+
+log = logging.getLogger("metering_proxy.runs")
+
+QUEUE_SIZE = 1024
+"""Records an events subscriber may lag behind before it is dropped (memory stays bounded)."""
+MAX_SUBSCRIBERS = 100
+KEEPALIVE_S = 15.0
+BATCH_LINES = 2000
+SUMMARY_CACHE = 4
+"""Run summaries kept (with their per-call samples) so a refresh reads only the new lines."""
+
+
+class UnknownRun(errors.ProxyError):
+    """No file for this run id in the runs dir."""
+
+    status = 404
+    type = "invalid_request_error"
+    category = "unknown"
+
+
+class TooManySubscribers(errors.ProxyError):
+    """MAX_SUBSCRIBERS event streams are open already."""
+
+    status = 503
+    type = "server_error"
+    category = "unknown"
+
+
+class Subscriber:
+    """One events stream: a bounded queue of SSE frames; None in the queue ends the stream."""
+
+    __slots__ = ("queue", "end_reason")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_SIZE)
+        self.end_reason: str | None = None
+
+    def end(self, reason: str) -> None:
+        """Make the stream finish: what is queued is discarded, the end marker goes in."""
+        self.end_reason = reason
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class EventHub:
+    """Fans each new record out to the subscribers of its run."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str | None, set[Subscriber]] = {}
+        self.count = 0
+        self.dropped = 0
+
+    def subscribe(self, run_id: str) -> Subscriber:
+        """Return a new subscriber to a run's records."""
+        sub = Subscriber()
+        self._subs.setdefault(run_id, set()).add(sub)
+        self.count += 1
+        return sub
+
+    def unsubscribe(self, run_id: str | None, sub: Subscriber) -> None:
+        """Forget a subscriber (idempotent)."""
+        subs = self._subs.get(run_id)
+        if subs is not None and sub in subs:
+            subs.discard(sub)
+            self.count -= 1
+            if not subs:
+                del self._subs[run_id]
+
+    def observe(self, record: Record) -> None:
+        """Forwarder observer: queue the record for its run's subscribers; O(1) when there are none."""
+        subs = self._subs.get(record.run_id)
+        if not subs:
+            return
+        frame = b"event: record\ndata: " + record.to_json() + b"\n"  # the line ends in its own newline
+        for sub in list(subs):
+            try:
+                sub.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                # A reader this far behind would make us hold an unbounded backlog: cut it loose.
+                self.dropped += 1
+                self.unsubscribe(record.run_id, sub)
+                sub.end("too_slow")
+
+    def close_all(self, reason: str) -> None:
+        """End every stream (the proxy is shutting down)."""
+        for run_id, subs in list(self._subs.items()):
+            for sub in list(subs):
+                self.unsubscribe(run_id, sub)
+                sub.end(reason)
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
+
+
+def _by_specs(request: web.Request) -> list[str]:
+    specs = request.query.getall("by", []) or ["model"]
+    try:
+        return [report.check_by(s) for spec in specs for s in spec.split(",") if s]
+    except ValueError as exc:
+        raise errors.BadRequest(str(exc).replace("--by", "by"), param="by") from None
+
+
+def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise errors.BadRequest(f"'{name}' must be a whole number >= 0 (got {raw[:40]!r}).", param=name)
+    return int(raw)
+
+
+class RunsApi:
+    """The /runs and /ui handlers over one runs dir, plus the live-events hub."""
+
+    def __init__(self, runs_dir: Path) -> None:
+        self.runs_dir = runs_dir
+        self.hub = EventHub()
+        self.keepalive_s = KEEPALIVE_S
+        self._totals: dict[str, report.RunSummary] = {}
+        self._summaries: dict[tuple[str, tuple[str, ...]], tuple[report.RunSummary, Any, bytes]] = {}
+        # One file scan at a time: summaries of huge runs are CPU-heavy and share the CPU with calls.
+        self._lock = asyncio.Lock()
+
+    def path(self, request: web.Request) -> tuple[str, Path]:
+        """Return the run id and file of a /runs/{run_id}... request: 400 if invalid, 404 if unknown."""
+        run_id = request.match_info["run_id"]
+        if not RUN_ID_RE.fullmatch(run_id):
+            raise errors.InvalidRunId(
+                f"Invalid run id {run_id[:40]!r}: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-',"
+                " not starting with '.'.", param="run_id")  # fmt: skip
+        path = self.runs_dir / f"{run_id}.jsonl"
+        if not path.is_file():
+            raise UnknownRun(
+                f"No run {run_id!r}: there is no {run_id}.jsonl in the runs dir.",
+                param="run_id",
+                code="run_not_found",
+            )
+        return run_id, path
+
+    # -- GET /runs -------------------------------------------------------------------------
+
+    def _all_totals(self) -> list[dict[str, Any]]:
+        ids = report.list_runs(self.runs_dir)
+        for gone in set(self._totals) - set(ids):
+            del self._totals[gone]
+        out = []
+        for run_id in ids:
+            totals = self._totals.get(run_id)
+            if totals is None:
+                path = self.runs_dir / f"{run_id}.jsonl"
+                totals = self._totals[run_id] = report.RunSummary(path, run_id, by=(), samples=False)
+            try:
+                totals.update(final=False)
+            except OSError:
+                continue  # removed meanwhile
+            out.append(totals.totals_json())
+        out.sort(key=lambda r: r["modified"] or "", reverse=True)
+        return out
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        """GET /runs: every run with its totals, most recently written first."""
+        async with self._lock:
+            runs = await asyncio.to_thread(self._all_totals)
+        return _json({"runs": runs})
+
+    # -- GET /runs/{run_id} ----------------------------------------------------------------
+
+    def _summary(self, run_id: str, path: Path, specs: list[str]) -> bytes:
+        key = (run_id, tuple(specs))
+        entry = self._summaries.pop(key, None)  # re-inserted below: the dict's order is least recent first
+        summary, seen, body = (
+            entry if entry is not None else (report.RunSummary(path, run_id, specs), None, b"")
+        )
+        summary.update(final=False)
+        state = (summary.ino, summary.offset, summary.tail_note)
+        if state != seen:
+            body = orjson.dumps(report.report_json([summary]))
+        self._summaries[key] = (summary, state, body)
+        while len(self._summaries) > SUMMARY_CACHE:
+            del self._summaries[next(iter(self._summaries))]
+        return body
+
+    async def summary(self, request: web.Request) -> web.Response:
+        """GET /runs/{run_id}[?by=model&by=task]: the report --json document for one run."""
+        run_id, path = self.path(request)
+        specs = _by_specs(request)
+        async with self._lock:
+            body = await asyncio.to_thread(self._summary, run_id, path, specs)
+        return web.Response(body=body, content_type="application/json")
+
+    # -- GET /runs/{run_id}/records --------------------------------------------------------
+
+    async def records(self, request: web.Request) -> web.StreamResponse:
+        """GET /runs/{run_id}/records[?since=N][&limit=M]: JSONL from the N-th record (0-based) on."""
+        run_id, path = self.path(request)
+        since = _int_param(request, "since", 0)
+        limit = _int_param(request, "limit", None)
+        assert since is not None
+        source = report.records_since(path, since)
+        lines: Iterator[bytes] = source if limit is None else islice(source, limit)
+        next_batch: Callable[[], list[bytes]] = lambda: list(islice(lines, BATCH_LINES))  # noqa: E731
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "X-Run-Id": run_id,
+                                           "Cache-Control": "no-store"})  # fmt: skip
+        try:
+            batch = await asyncio.to_thread(next_batch)
+            await resp.prepare(request)
+            while batch:
+                await resp.write(b"".join(batch))
+                batch = await asyncio.to_thread(next_batch)
+            await resp.write_eof()
+        finally:
+            try:
+                source.close()  # the file, if the client left half way
+            except ValueError:
+                pass  # still running in its thread (we were cancelled): it closes when collected
+        return resp
+
+    # -- GET /runs/{run_id}/events ---------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """GET /runs/{run_id}/events: Server-Sent Events, one 'record' event per new record."""
+        run_id, _ = self.path(request)
+        if self.hub.count >= MAX_SUBSCRIBERS:
+            raise TooManySubscribers(
+                f"Too many event streams open (at most {MAX_SUBSCRIBERS}); try again later.",
+                code="too_many_subscribers",
+            )
+        sub = self.hub.subscribe(run_id)
+        try:
+            resp = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-store",
+                    "X-Accel-Buffering": "no",
+                }
+            )
+            await resp.prepare(request)
+            await resp.write(b": subscribed to run " + run_id.encode() + b"\nretry: 2000\n\n")
+            while True:
+                try:
+                    frame = await asyncio.wait_for(sub.queue.get(), self.keepalive_s)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                frames = [frame]
+                while frame is not None and not sub.queue.empty() and len(frames) < 256:
+                    frame = sub.queue.get_nowait()
+                    frames.append(frame)
+                await resp.write(b"".join(f for f in frames if f is not None))
+                if frame is None:
+                    end = orjson.dumps({"reason": sub.end_reason})
+                    await resp.write(b"event: end\ndata: " + end + b"\n\n")
+                    break
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client left
+        finally:
+            self.hub.unsubscribe(run_id, sub)
+        return resp
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        """End the event streams so shutdown need not wait for them."""
+        self.hub.close_all("shutdown")
+
+
+RUNS_API = web.AppKey("runs_api", RunsApi)
+
+
+def install(app: web.Application, runs_dir: Path, observers: list[Callable[[Record], None]]) -> RunsApi:
+    """Add the /runs and /ui routes to app and the live-events observer to the forwarder's observers."""
+    api = app[RUNS_API] = RunsApi(runs_dir)
+    observers.append(api.hub.observe)
+    app.router.add_get("/runs", api.list_runs)
+    app.router.add_get("/runs/{run_id}", api.summary)
+    app.router.add_get("/runs/{run_id}/records", api.records)
+    app.router.add_get("/runs/{run_id}/events", api.events)
+    app.router.add_get("/ui", ui.handle)
+    app.on_shutdown.append(api.on_shutdown)
+    return api

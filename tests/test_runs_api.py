@@ -1,0 +1,237 @@
+"""GET /runs, /runs/{id}, /runs/{id}/records, /runs/{id}/events through a real proxy, driven by the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from yarl import URL
+
+from proxy import report, runs_api
+from proxy.records import Record
+from proxy.runs_api import RUNS_API, EventHub
+from tests.conftest import ProxyUnderTest
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def client(proxy: ProxyUnderTest, run_id: str = "r1", **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0,
+                              default_headers={"X-Run-Id": run_id, **headers})  # fmt: skip
+
+
+async def three_calls(proxy: ProxyUnderTest, run_id: str = "r1") -> list[dict[str, Any]]:
+    c = client(proxy, run_id, **{"X-Task-Name": "summarise"})
+    await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    stream = await c.chat.completions.create(model="gpt-4o", messages=MSG, stream=True,
+                                             extra_headers={"X-Task-Name": "classify"})  # fmt: skip
+    async for _ in stream:
+        pass
+    with pytest.raises(openai.RateLimitError):
+        await c.chat.completions.create(model="gpt-4o", messages=MSG, extra_headers={"X-Fake": "status:429"})
+    return await proxy.wait_records(run_id, 3)
+
+
+async def get(proxy: ProxyUnderTest, path: str | URL) -> tuple[int, dict[str, str], bytes]:
+    url = path if isinstance(path, URL) else URL(proxy.url(path))
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+async def test_runs_list_with_totals(proxy: ProxyUnderTest) -> None:
+    await three_calls(proxy, "r1")
+    await client(proxy, "r2").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.wait_records("r2", 1)
+    with pytest.raises(openai.BadRequestError):  # goes to .rejected.jsonl, which is no run
+        await client(proxy, ".hidden").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.flush()
+    assert (proxy.runs_dir / ".rejected.jsonl").exists()
+    status, headers, body = await get(proxy, "/runs")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    runs = {r["run_id"]: r for r in orjson.loads(body)["runs"]}
+    assert set(runs) == {"r1", "r2"}
+    r1 = runs["r1"]
+    assert r1["records"] == 3 and r1["calls"] == {"total": 3, "ok": 2, "failed": 1}
+    assert r1["tokens"]["input"] == 22 and r1["tokens"]["output"] == 6  # the fake answers 11 in, 3 out
+    assert (
+        r1["errors"] == {"rate_limit": 1} and r1["size_bytes"] == (proxy.runs_dir / "r1.jsonl").stat().st_size
+    )
+    assert runs["r2"]["calls"]["total"] == 1
+    # a new call shows up in the totals (read incrementally)
+    await client(proxy, "r2").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.wait_records("r2", 2)
+    _, _, body = await get(proxy, "/runs")
+    runs = {r["run_id"]: r for r in orjson.loads(body)["runs"]}
+    assert runs["r2"]["calls"]["total"] == 2 and list(runs)[0] == "r2"  # most recently written first
+
+
+async def test_run_summary_is_the_report_json(proxy: ProxyUnderTest) -> None:
+    await three_calls(proxy)
+    status, _, body = await get(proxy, "/runs/r1")
+    assert status == 200
+    doc = orjson.loads(body)
+    path = proxy.runs_dir / "r1.jsonl"
+    assert doc == report.report_json([report.summarize(path, "r1", ["model"])])
+    run = doc["runs"][0]
+    assert run["calls"] == {"total": 3, "ok": 2, "failed": 1}
+    assert {g["key"]: g["calls"]["total"] for g in run["breakdown"]["model"]} == {
+        "gpt-4o-mini": 1,
+        "gpt-4o": 2,
+    }
+    assert run["ttft_ms"]["count"] == 1 and len(run["slowest"]) == 3
+    _, _, body = await get(proxy, "/runs/r1?by=task&by=tag:none")
+    run = orjson.loads(body)["runs"][0]
+    assert set(run["breakdown"]) == {"task", "tag:none"}
+    assert {g["key"]: g["calls"]["total"] for g in run["breakdown"]["task"]} == {
+        "summarise": 2,
+        "classify": 1,
+    }
+    status, _, body = await get(proxy, "/runs/r1?by=colour")
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "by"
+
+
+async def test_records_since(proxy: ProxyUnderTest) -> None:
+    await three_calls(proxy)
+    lines = (proxy.runs_dir / "r1.jsonl").read_bytes().splitlines(keepends=True)
+    status, headers, body = await get(proxy, "/runs/r1/records")
+    assert status == 200 and headers["Content-Type"] == "application/x-ndjson"
+    assert body == b"".join(lines)
+    assert (await get(proxy, "/runs/r1/records?since=2"))[2] == lines[2]
+    assert (await get(proxy, "/runs/r1/records?since=1&limit=1"))[2] == lines[1]
+    assert (await get(proxy, "/runs/r1/records?since=3"))[:1] == (200,)
+    assert (await get(proxy, "/runs/r1/records?since=3"))[2] == b""
+    for bad in ("since=-1", "since=x", "limit=1.5"):
+        status, _, body = await get(proxy, f"/runs/r1/records?{bad}")
+        assert status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+async def read_event(resp: aiohttp.ClientResponse) -> tuple[str, bytes]:
+    """Read SSE frames until one with an event name; return (event, data)."""
+    while True:
+        frame = b""
+        while not frame.endswith(b"\n\n"):
+            line = await resp.content.readline()
+            if not line:
+                raise EOFError("stream ended")
+            frame += line
+        fields = dict(
+            line.split(b": ", 1) for line in frame.strip().split(b"\n") if not line.startswith(b":")
+        )
+        if b"event" in fields:
+            return fields[b"event"].decode(), fields.get(b"data", b"")
+
+
+async def test_events_deliver_records_written_after_subscribing(proxy: ProxyUnderTest) -> None:
+    c = client(proxy)
+    await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    [old] = await proxy.wait_records("r1", 1)
+    async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r1/events")) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        assert (await asyncio.wait_for(resp.content.readline(), 5)).startswith(b": subscribed")
+        raw = await c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG)
+        stream = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
+        async for _ in stream:
+            pass
+        got = [await asyncio.wait_for(read_event(resp), 5) for _ in range(2)]
+    assert [e for e, _ in got] == ["record", "record"]
+    recs = [orjson.loads(data) for _, data in got]
+    assert recs[0]["request_id"] == raw.headers["x-request-id"] and recs[0]["request_id"] != old["request_id"]
+    assert recs[0]["model"] == "gpt-4o" and recs[1]["stream"] is True
+    on_disk = await proxy.wait_records("r1", 3)
+    assert recs == on_disk[1:]  # the same records as the file's, field for field
+    api = proxy.server.app[RUNS_API]
+    for _ in range(100):  # the client left: its subscription goes away
+        if api.hub.count == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert api.hub.count == 0
+
+
+async def test_events_only_for_their_run_and_keep_alive(proxy: ProxyUnderTest) -> None:
+    await client(proxy, "r1").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.wait_records("r1", 1)
+    proxy.server.app[RUNS_API].keepalive_s = 0.1
+    async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r1/events")) as resp:
+        await asyncio.wait_for(resp.content.readline(), 5)
+        await client(proxy, "other").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        seen = b""
+        while b": keep-alive" not in seen:
+            seen += await asyncio.wait_for(resp.content.readline(), 5)
+        assert b"event: record" not in seen  # the other run's call is not in this stream
+
+
+async def test_shutdown_ends_event_streams(proxy: ProxyUnderTest) -> None:
+    await client(proxy).chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.wait_records("r1", 1)
+    async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r1/events")) as resp:
+        await asyncio.wait_for(resp.content.readline(), 5)
+        closing = asyncio.create_task(proxy.server.close())
+        event, data = await asyncio.wait_for(read_event(resp), 5)
+        await asyncio.wait_for(closing, 5)  # shutdown does not wait for the stream's grace period
+    assert event == "end" and orjson.loads(data) == {"reason": "shutdown"}
+
+
+def _record(run_id: str, n: int) -> Record:
+    return Record(
+        ts="2026-01-01T00:00:00.000Z", run_id=run_id, request_id=f"req_{n}", task=None, tags={},
+        endpoint="/v1/chat/completions", method="POST", upstream=None, provider=None, requested_model="m",
+        model="m", stream=False, status=200, success=True, finish_reason="stop", input_tokens=1,
+        cached_input_tokens=0, cache_write_tokens=0, cache_write_5m_tokens=None, cache_write_1h_tokens=None,
+        output_tokens=1, reasoning_tokens=0, total_tokens=2, usage_source="upstream", usage_raw=None,
+        stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None, duration_ms=2.0, tokens_per_second=None,
+        server_timing=None, upstream_request_id=None, error=None,
+    )  # fmt: skip
+
+
+async def test_a_subscriber_that_falls_behind_is_dropped() -> None:
+    hub = EventHub()
+    slow, fast = hub.subscribe("r"), hub.subscribe("r")
+    hub.observe(_record("elsewhere", 0))  # nobody watches that run: nothing queued
+    assert slow.queue.qsize() == 0
+    for n in range(runs_api.QUEUE_SIZE):
+        hub.observe(_record("r", n))
+        fast.queue.get_nowait()
+    assert slow.queue.full() and hub.count == 2
+    hub.observe(_record("r", runs_api.QUEUE_SIZE))
+    # the slow one is cut loose with its backlog freed; the fast one still gets the record
+    assert slow.end_reason == "too_slow" and slow.queue.qsize() == 1 and slow.queue.get_nowait() is None
+    assert hub.count == 1 and hub.dropped == 1
+    frame = fast.queue.get_nowait()
+    assert frame is not None and frame.startswith(b"event: record\ndata: {") and frame.endswith(b"}\n\n")
+    assert orjson.loads(frame.split(b"data: ", 1)[1])["request_id"] == f"req_{runs_api.QUEUE_SIZE}"
+
+
+@pytest.mark.parametrize("suffix", ["", "/records", "/events"])
+async def test_unknown_run_is_404(proxy: ProxyUnderTest, suffix: str) -> None:
+    status, headers, body = await get(proxy, f"/runs/nope{suffix}")
+    assert status == 404 and headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(body) == {"error": {
+        "message": "No run 'nope': there is no nope.jsonl in the runs dir.", "type": "invalid_request_error",
+        "param": "run_id", "code": "run_not_found"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/runs/..%2Fsecret", "/runs/..%2Fsecret/records", "/runs/%2E%2E%2Fsecret/events", "/runs/.rejected",
+        "/runs/.rejected/records", "/runs/..", "/runs/../secret", "/runs/%2e%2e/secret",
+        "/runs/a%2F..%2F..%2Fsecret", "/runs/%00/records",
+    ],
+)  # fmt: skip
+async def test_no_path_traversal(proxy: ProxyUnderTest, tmp_path: Path, raw_path: str) -> None:
+    secret = orjson.dumps({"ts": "2026-01-01T00:00:00.000Z", "request_id": "req_SECRET"}) + b"\n"
+    (tmp_path / "secret.jsonl").write_bytes(secret)
+    await client(proxy, "ok").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    with pytest.raises(openai.BadRequestError):
+        await client(proxy, ".rejected").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.flush()
+    assert (proxy.runs_dir / ".rejected.jsonl").exists()
+    status, _, body = await get(proxy, URL(proxy.url("/")).with_path(raw_path, encoded=True))
+    assert status in (400, 404), (raw_path, status)
+    assert b"SECRET" not in body and b"req_" not in body
+    assert set(orjson.loads(body)["error"]) == {"message", "type", "param", "code"}
