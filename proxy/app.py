@@ -10,9 +10,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy import errors
+from proxy import access, budgets, errors, runs_api
 from proxy.config import Config
-from proxy.forward import Forwarder
+from proxy.forward import Forwarder, expect_continue
 from proxy.meter import ENDPOINTS
 from proxy.metrics import Metrics
 from proxy.records import JsonlSink
@@ -70,6 +70,8 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
     app[FORWARDER] = Forwarder(cfg, None, sink, pricebook)
     app[METRICS] = Metrics(sink)
     app[FORWARDER].observers.append(app[METRICS].observe)
+    budgets.install(app, app[FORWARDER])
+    access.install(app, cfg, app[FORWARDER])
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_on_shutdown)
 
@@ -80,10 +82,12 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
         return await request.app[FORWARDER].passthrough(request)
 
     for prefix in ("", "/run/{run_id}"):
-        app.router.add_post(prefix + "/v1/{tail:" + _METERED + "}", metered)
-        app.router.add_route("*", prefix + "/v1/{tail:.*}", passthrough)
+        # expect_continue: aiohttp's own Expect handling answers 417 (or 500) before any handler runs.
+        app.router.add_post(prefix + "/v1/{tail:" + _METERED + "}", metered, expect_handler=expect_continue)
+        app.router.add_route("*", prefix + "/v1/{tail:.*}", passthrough, expect_handler=expect_continue)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", app[METRICS].handle)
+    runs_api.install(app, cfg.runs_dir, app[FORWARDER].observers)  # /runs..., /ui, live events
     return app
 
 

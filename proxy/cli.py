@@ -1,4 +1,4 @@
-"""Command line: metering-proxy serve | prices. main(argv) -> exit code."""
+"""Command line: metering-proxy serve | prices | report. main(argv) -> exit code."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from proxy import access
 from proxy import config as config_mod
 from proxy.config import ConfigError
 
@@ -32,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     lookup.add_argument("model")
     lookup.add_argument("--upstream", help="upstream name (for custom prices and provider hints)")
     lookup.add_argument("--config", type=Path, help="YAML config file (custom prices, price file)")
+
+    rep = sub.add_parser("report", help="summarise runs: tokens, cost, timings, breakdowns, comparisons")
+    rep.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="runs to report; several are compared")
+    rep.add_argument("--runs-dir", default="runs", help="directory holding <run-id>.jsonl (default ./runs)")
+    rep.add_argument("--by", default="model",
+                     help="breakdown: model, task, upstream or tag:NAME (default: model)")
+    fmt = rep.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON (schema metering-proxy.report/1)")
+    fmt.add_argument("--csv", action="store_true", help="CSV: one row per run and per group")
+    rep.add_argument("--html", metavar="FILE", help="also write the run view as one standalone HTML file")
     return parser
 
 
@@ -41,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "report":
+            from proxy.report_format import cli as report_cli
+
+            return report_cli(args)
         return _prices(args)
     except ConfigError as exc:
         print(f"metering-proxy: {exc}", file=sys.stderr)
@@ -69,6 +84,7 @@ def _pricebook(cfg: config_mod.Config) -> object | None:
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    access.check_exposure(cfg)  # before the start line: an open relay must not look like it started
     if args.workers < 1:
         raise ConfigError("--workers: must be >= 1")
     pricebook = _pricebook(cfg)
@@ -93,8 +109,11 @@ def _run_worker(cfg: config_mod.Config, pricebook: object | None, reuse_port: bo
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    _use_event_loop(cfg.event_loop)
+    app = make_app(cfg, pricebook)
+    app.on_shutdown.append(_hold_further_signals)
     web.run_app(
-        make_app(cfg, pricebook),
+        app,
         host=cfg.host,
         port=cfg.port,
         print=None,
@@ -107,16 +126,67 @@ def _run_worker(cfg: config_mod.Config, pricebook: object | None, reuse_port: bo
     )
 
 
+async def _hold_further_signals(app: object) -> None:
+    """Once the drain has begun, log a second SIGTERM/SIGINT instead of letting it through.
+
+    aiohttp would raise GracefulExit again inside its cleanup: in-flight calls cut, exit 1, and every
+    record still queued lost. The drain is bounded by shutdown_grace_s anyway; SIGKILL stops at once.
+    """
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+
+    def again() -> None:
+        logging.getLogger("metering_proxy").warning(
+            "already shutting down: in-flight calls drain, then records are flushed (SIGKILL stops now)"
+        )
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, again)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this worker if the supervisor dies, even by SIGKILL."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers outlive a killed supervisor
+        pass
+
+
+def _use_event_loop(choice: str) -> None:
+    """Install uvloop's event loop when asked to, or when installed and the choice is auto."""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("event_loop: uvloop is not installed (pip install 'metering-proxy[fast]')") from None
+        return
+    import asyncio
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def _supervise(cfg: config_mod.Config, pricebook: object | None, n: int) -> int:
     """Fork n workers sharing the port; pass SIGINT/SIGTERM on to them once; wait for all."""
     import os
     import signal
 
     children: list[int] = []
+    supervisor = os.getpid()
     for _ in range(n):
         pid = os.fork()
         if pid == 0:  # worker: its own process group, so a terminal's ^C reaches it only through us
             os.setpgid(0, 0)
+            _die_with_parent()
+            if os.getppid() != supervisor:  # it died before the death signal was armed
+                os._exit(0)
             code = 0
             try:
                 _run_worker(cfg, pricebook, reuse_port=True)

@@ -35,6 +35,8 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Responses are decompressed on the way in (so usage can be read) and sent on uncompressed.
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
+# aiohttp decodes gzip/deflate/br request bodies too, and the decoded body is what goes upstream.
+_REQUEST_DROP = _HOP_BY_HOP | {"content-encoding"}
 _CONSUMED = frozenset({"x-run-id", "x-task-name"})
 _TAG_PREFIX = "x-meter-tag-"
 _MAX_TAGS = 32
@@ -158,7 +160,7 @@ class Forwarder:
         named = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
         for key, value in request.headers.items():
             low = key.lower()
-            if low in _HOP_BY_HOP or low in consumed or low.startswith(_TAG_PREFIX) or low in named:
+            if low in _REQUEST_DROP or low in consumed or low.startswith(_TAG_PREFIX) or low in named:
                 continue
             out.add(key, value)
         auth = self._auth.get(upstream.name)
@@ -201,6 +203,16 @@ class Forwarder:
 
     # -- metered endpoints -----------------------------------------------------------------
 
+    def refuse(self, request: web.Request, exc: ProxyError) -> web.Response:
+        """Answer a metered call refused before it is read (no proxy key): one record, run_id null."""
+        call = Call(request.match_info["tail"], request.method)
+        call.status = exc.status
+        err = call.fail(exc.category, exc.message)
+        log.warning("call refused: error_id=%s category=%s status=%s request_id=%s: %s",
+                    err.id, err.category, exc.status, call.request_id, err.detail)  # fmt: skip
+        self._record(call)
+        return errors.render(exc, err.id, call.request_id)
+
     async def metered(self, request: web.Request) -> web.StreamResponse:
         """Forward one LLM call and record exactly one line for it, whatever happens."""
         call = Call(request.match_info["tail"], request.method)
@@ -220,6 +232,11 @@ class Forwarder:
             call.fail("proxy_shutdown" if self.shutting_down else "client_aborted",
                       "the proxy stopped before the call finished" if self.shutting_down
                       else "the client disconnected before the response was complete")  # fmt: skip
+            raise
+        except Exception as exc:
+            # A bug (ours or a check's) must still leave a record saying so; aiohttp answers the 500.
+            call.status = call.status or (exc.status if isinstance(exc, web.HTTPException) else 500)
+            call.fail("unknown", f"internal error: {type(exc).__name__}: {exc}")
             raise
         finally:
             if call.up is not None:
@@ -256,6 +273,8 @@ class Forwarder:
                 f"Request body is larger than the proxy's limit of {self.cfg.max_body_bytes} bytes"
                 " (max_body_bytes)."
             ) from None
+        except web.RequestPayloadError as exc:
+            raise _undecodable(request, exc) from None
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -462,7 +481,10 @@ class Forwarder:
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Forward any other /v1 path unmetered (e.g. GET /v1/models), streaming the answer back."""
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.RequestPayloadError as exc:
+            raise _undecodable(request, exc) from None
         upstream = self.cfg.upstreams[0]
         if body and "json" in request.headers.get("Content-Type", ""):
             try:
@@ -482,6 +504,25 @@ class Forwarder:
             return resp
         finally:
             up.release()
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Answer ``Expect: 100-continue``; ignore any other expectation so the call still gets its record.
+
+    aiohttp's default answers 417 before the handler runs (no record), and 500 when the value is not UTF-8.
+    """
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the start of the response
+
+
+def _undecodable(request: web.Request, exc: Exception) -> ProxyError:
+    """A request body that aiohttp could not decode (bad gzip, broken chunking): the client's fault."""
+    enc = request.headers.get("Content-Encoding")
+    how = f" as its Content-Encoding {enc[:40]!r} says" if enc else ""
+    why = str(exc).replace("\n", " ").split("message:")[-1].strip()
+    return errors.BadRequest(f"The request body could not be decoded{how}: {why}",
+                             param="Content-Encoding" if enc else None)  # fmt: skip
 
 
 def _error_detail(body: bytes, status: int) -> str:

@@ -8,6 +8,8 @@ the disk. A record is therefore on disk at most ``flush_interval`` after its cal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -78,7 +80,26 @@ class Record:
 
     def to_json(self) -> bytes:
         """Return the record as one JSON line, newline included."""
-        return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
+        try:
+            return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            # Header bytes that are not UTF-8 reach us as lone surrogates (aiohttp decodes with
+            # surrogateescape) and orjson refuses them; a record is never lost over one header value.
+            return orjson.dumps(_clean(dataclasses.asdict(self)), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _clean(value: Any) -> Any:
+    """Replace what is not valid UTF-8 in every string of a JSON-like value with U+FFFD."""
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 class JsonlSink:
@@ -94,7 +115,6 @@ class JsonlSink:
         self.dropped = 0
         self._pending: dict[str, list[bytes]] = {}
         self._count = 0
-        self._checked: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -217,17 +237,35 @@ class JsonlSink:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            if key not in self._checked:
-                # A writer killed mid-line leaves a torn tail: start on a fresh line after it.
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    data = b"\n" + data
-                self._checked.add(key)
+            # Workers share run files: the lock makes "check the tail, then append" one step for them
+            # (a reader never waits; it is held for one write per file per batch).
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # a filesystem without locks: appends are still whole, just unordered with checks
+            # A writer killed mid-line leaves a torn tail: start on a fresh line after it. Checked on
+            # every batch (one pread per file), not once: another worker may be killed at any time.
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
             view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            written = 0
+            try:
+                while view:
+                    n = os.write(fd, view)
+                    written += n
+                    view = view[n:]
+            except OSError:
+                if written:
+                    # The disk filled mid-batch: take the partial lines back, or the retry of the whole
+                    # batch would double the complete ones and tear the last. Not if someone appended
+                    # without the lock meanwhile (then the fresh-line check keeps the damage to one line).
+                    end = os.lseek(fd, 0, os.SEEK_CUR)
+                    if os.fstat(fd).st_size == end:
+                        os.ftruncate(fd, end - written)
+                raise
             if self.fsync:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # the other workers need not wait for our fsync
                 os.fsync(fd)
         finally:
             os.close(fd)

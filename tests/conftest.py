@@ -46,6 +46,19 @@ def _chat_chunk(model: str, delta: dict[str, Any], finish: str | None = None) ->
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
+#: Malformed SSE a broken upstream may send: lines without a field, invalid JSON in data:, non-object
+#: JSON, wrong-typed fields, stray bytes. Mode 'garbage' interleaves them with a good stream.
+GARBAGE_EVENTS = (
+    b"this line has no colon at all\n\n",
+    b"data: {not json at all\n\n",
+    b": a comment, then an unknown field\nfoo: bar\n\n",
+    b"event: \xff\xfe binary\ndata: [1, 2, 3]\n\n",
+    b'data: "just a string"\n\n',
+    b"retry: soon\nid: 7\ndata: {\"choices\": \"not a list\", \"usage\": [1]}\n\n",
+    b"data: {\"choices\": [{\"delta\": {\"content\": 5}}], \"usage\": null\n\n",
+)
+
+
 class FakeUpstream:
     """A scriptable OpenAI-compatible server. Behaviour is chosen per request by the X-Fake header.
 
@@ -55,6 +68,9 @@ class FakeUpstream:
     'long' is a JSON error whose message is 5000+ characters and contains a key-shaped secret.
     'cutbody': a 200 JSON answer whose connection closes after a few bytes of its announced length.
     X-Fake-Cut: <n> with a stream fixture: replay its first n bytes, then drop the connection.
+    'garbage': the normal answer with GARBAGE_EVENTS interleaved; 'garbage-only': a stream of just those.
+    'big:<n>': an answer with about n bytes of content (a JSON body, or 4 KiB deltas when streaming).
+    ``sent`` keeps the bytes of every stream sent, in order. Every answer carries X-Fake-Upstream: 1.
     Like real LLM servers it stops work when its client goes away (handler cancellation): ``cancelled``
     counts handlers cancelled that way, ``aborted`` handlers whose write found the connection gone.
     """
@@ -63,9 +79,11 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.cancelled = 0
         self.aborted = 0
+        self.sent: list[bytes] = []
         self.app = web.Application()
         self.app.router.add_post("/v1/{tail:.*}", self.handle)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.on_response_prepare.append(self._mark)
         self.server: TestServer | None = None
 
     @property
@@ -73,14 +91,24 @@ class FakeUpstream:
         assert self.server is not None
         return str(self.server.make_url("/v1"))
 
+    @staticmethod
+    async def _mark(request: web.Request, response: web.StreamResponse) -> None:
+        """Sign every answer, errors included, so a test can tell the upstream's 5xx from the proxy's."""
+        response.headers["X-Fake-Upstream"] = "1"
+
     async def models(self, request: web.Request) -> web.Response:
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None})
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        body = orjson.loads(raw) if raw else {}
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            body = None  # pass-through paths may carry anything: log it, then answer as for {}
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        if not isinstance(body, dict):
+            body = {}
         mode = request.headers.get("X-Fake", "")
         split = int(request.headers.get("X-Fake-Split", "0"))
         delay = float(request.headers.get("X-Fake-Delay", "0"))
@@ -116,11 +144,13 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 return resp
+            if mode.startswith("big:"):
+                return await self._big(request, body, int(mode[4:]))
             if mode == "hang":
                 await asyncio.sleep(3600)
             if mode.startswith("think:"):
                 await asyncio.sleep(float(mode.split(":")[1]))
-            return await self._openai(request, body, split, delay, cut=mode == "cut")
+            return await self._openai(request, body, split, delay, cut=mode == "cut", mode=mode)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -129,7 +159,7 @@ class FakeUpstream:
             raise
 
     async def _openai(self, request: web.Request, body: dict[str, Any], split: int, delay: float,
-                      cut: bool) -> web.StreamResponse:  # fmt: skip
+                      cut: bool, mode: str = "") -> web.StreamResponse:  # fmt: skip
         model = body.get("model", "gpt-4o-mini")
         words = ["Hello", " there", "!"]
         tail = request.match_info["tail"]
@@ -156,13 +186,40 @@ class FakeUpstream:
                      "model": model, "choices": [], "usage": usage}  # fmt: skip
             pieces.append(b"data: " + orjson.dumps(final) + b"\n\n")
         pieces.append(b"data: [DONE]\n\n")
+        if mode == "garbage":
+            mixed = [p for pair in zip(GARBAGE_EVENTS, pieces, strict=False) for p in pair]
+            pieces = mixed + pieces[len(GARBAGE_EVENTS) :]
+        elif mode == "garbage-only":
+            pieces = list(GARBAGE_EVENTS)
         return await self._stream(request, pieces, split, delay)
+
+    async def _big(self, request: web.Request, body: dict[str, Any], size: int) -> web.StreamResponse:
+        model = body.get("model", "gpt-4o-mini")
+        n = max(1, size // 4096)
+        usage = {"prompt_tokens": 11, "completion_tokens": n, "total_tokens": 11 + n}
+        if not body.get("stream"):
+            return web.json_response({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1735689600, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * size},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage,
+            })  # fmt: skip
+        piece = _chat_chunk(model, {"content": "x" * 4096})
+        pieces = [_chat_chunk(model, {"role": "assistant", "content": ""}), *([piece] * n),
+                  _chat_chunk(model, {}, "stop")]  # fmt: skip
+        if (body.get("stream_options") or {}).get("include_usage"):
+            final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1735689600,
+                     "model": model, "choices": [], "usage": usage}  # fmt: skip
+            pieces.append(b"data: " + orjson.dumps(final) + b"\n\n")
+        pieces.append(b"data: [DONE]\n\n")
+        return await self._stream(request, pieces, 0, 0)
 
     async def _stream(self, request: web.Request, pieces: list[bytes], split: int, delay: float,
                       cut: bool = False) -> web.StreamResponse:  # fmt: skip
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "up-req-1"})
         await resp.prepare(request)
         data = b"".join(pieces)
+        self.sent.append(data)
         step = split or None
         chunks = [data[i : i + step] for i in range(0, len(data), step)] if step else pieces
         for chunk in chunks:
@@ -209,7 +266,10 @@ class ProxyUnderTest:
         path = self.runs_dir / f"{run_id}.jsonl"
         if not path.exists():
             return []
-        return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        data = path.read_bytes()
+        # The background flusher may be mid-write: only lines that already end are records yet.
+        complete = data[: data.rfind(b"\n") + 1]
+        return [orjson.loads(line) for line in complete.splitlines() if line]
 
     async def wait_records(self, run_id: str, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Wait until a run has count records (calls finish after the client sees the end)."""
