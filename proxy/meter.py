@@ -7,6 +7,7 @@ gets, except for dropping the usage-only chunk the proxy itself asked for (``str
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -27,7 +28,19 @@ ENDPOINTS: dict[str, str] = {
 # Anthropic content_block_delta types that carry generated output.
 _ANTHROPIC_OUTPUT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 # Chat delta fields that carry generated output (reasoning_content: DeepSeek/vLLM; reasoning: others).
-_CHAT_OUTPUT = ("content", "reasoning_content", "reasoning", "refusal")
+_CHAT_OUTPUT = frozenset({"content", "reasoning_content", "reasoning", "refusal"})
+
+
+_MARKER = re.compile(rb'"(?:usage|finish_reason)"\s*+:\s*+(?!null)|"(?:error|tool_calls|timings|stats|x_groq)"')
+
+
+def _routine_chunk(data: bytes) -> bool:
+    """Tell a plain content delta (skippable) from a chunk that carries usage, an end or an error.
+
+    A JSON string cannot hold an unescaped quote, so generated text never forges a marker; usage and
+    finish_reason only count as absent in their null form, any other spelling is parsed to be safe.
+    """
+    return _MARKER.search(data) is None
 
 
 class Meter:
@@ -36,7 +49,7 @@ class Meter:
     __slots__ = (
         "endpoint", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
-        "service_tier", "usage_final", "_anthropic_usage",
+        "service_tier", "usage_final", "_anthropic_usage", "_overhead",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
@@ -57,18 +70,23 @@ class Meter:
         self.service_tier: str | None = None
         self._anthropic_usage: dict[str, Any] | None = None
         self.usage_final = True
+        self._overhead = -1
+        """Chat/completions: bytes of a content chunk that are not text; -1 until measured."""
 
     # -- streams ---------------------------------------------------------------------------
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Meter one stream chunk; return the bytes to pass on (the chunk itself unless stripping)."""
+        aligned = not self.decoder.pending
         events = self.decoder.feed(chunk)
         if not self.strip_usage:
             for ev in events:
                 self._event(ev, now)
             return chunk
-        out = [ev.raw for ev in events if self._event(ev, now)]
-        return b"".join(out)
+        kept = [ev.raw for ev in events if self._event(ev, now)]
+        if aligned and len(kept) == len(events) and not self.decoder.pending:
+            return chunk  # the chunk was whole events and none was dropped: no copy needed
+        return b"".join(kept)
 
     def finish(self, now: float) -> bytes:
         """Meter what is left when the stream ends; return any bytes still owed to the client."""
@@ -84,6 +102,11 @@ class Meter:
         self.events += 1
         if data == b"[DONE]":
             self.done = True
+            return True
+        if self._overhead >= 0 and not ev.is_error_field and _routine_chunk(data):
+            # A plain content delta after the first output: nothing in it changes the record but
+            # its length, so skip the JSON parse (most of a stream's metering cost) and count it.
+            self.output_chars += max(len(data) - self._overhead, 0)
             return True
         try:
             obj = orjson.loads(data)
@@ -113,9 +136,15 @@ class Meter:
             self.model = obj["model"]
         choices = obj.get("choices")
         if isinstance(choices, list):
+            had_output = self.first_output_at is not None
+            before = self.output_chars
             for choice in choices:
                 if isinstance(choice, dict):
                     self._choice(choice, now)
+            if not had_output and self.first_output_at is not None and len(choices) == 1:
+                # The bytes around the text of the first content chunk: later plain content chunks
+                # are counted as their length minus this, without parsing them (see _routine_chunk).
+                self._overhead = len(orjson.dumps(obj)) - (self.output_chars - before)
         usage = obj.get("usage")
         keep = True
         if isinstance(usage, dict):
@@ -134,9 +163,8 @@ class Meter:
         chars = 0
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            for key in _CHAT_OUTPUT:
-                value = delta.get(key)
-                if isinstance(value, str):
+            for key, value in delta.items():  # deltas hold one or two keys: cheaper than probing four
+                if key in _CHAT_OUTPUT and isinstance(value, str):
                     chars += len(value)
             calls = delta.get("tool_calls")
             if isinstance(calls, list) and calls:

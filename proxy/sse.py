@@ -8,23 +8,37 @@ without touching the others. Lines end with LF or CRLF; a lone CR is not treated
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True, slots=True)
 class Event:
-    """One complete SSE event."""
+    """One complete SSE event.
 
-    event: str | None
-    """The ``event:`` field (Anthropic, Responses API), or None."""
-    data: bytes
-    """The ``data:`` lines joined with LF, or the payload of a non-standard ``error:`` line.
+    A plain slotted class rather than a frozen dataclass: one is built per streamed event, and a
+    frozen dataclass's __init__ (object.__setattr__ per field) costs several times as much.
+    """
 
-    Empty for comment-only events, which are still returned so their bytes can be passed on."""
-    raw: bytes
-    """The event's bytes exactly as received, its terminating blank line included."""
-    is_error_field: bool = False
-    """True for llama.cpp's old non-standard ``error: {...}`` line."""
+    __slots__ = ("event", "data", "raw", "is_error_field")
+
+    def __init__(self, event: str | None, data: bytes, raw: bytes, is_error_field: bool = False) -> None:
+        self.event = event
+        """The ``event:`` field (Anthropic, Responses API), or None."""
+        self.data = data
+        """The ``data:`` lines joined with LF, or the payload of a non-standard ``error:`` line.
+
+        Empty for comment-only events, which are still returned so their bytes can be passed on."""
+        self.raw = raw
+        """The event's bytes exactly as received, its terminating blank line included."""
+        self.is_error_field = is_error_field
+        """True for llama.cpp's old non-standard ``error: {...}`` line."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.event, self.data, self.raw, self.is_error_field) == (
+            other.event, other.data, other.raw, other.is_error_field,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"Event(event={self.event!r}, data={self.data!r}, raw={self.raw!r}, is_error_field={self.is_error_field})"
 
 
 class SSEDecoder:
@@ -88,6 +102,9 @@ def _event_end(buf: bytes, start: int) -> int:
 
 
 def _parse(raw: bytes) -> Event:
+    # Fast path for the usual one-line event, b"data: {...}\n\n": its only LF pair is the end.
+    if raw[:6] == b"data: " and raw.find(b"\n") == len(raw) - 2 and raw[-3:-2] != b"\r":
+        return Event(None, raw[6:-2], raw)
     event: str | None = None
     data: list[bytes] = []
     is_error = False

@@ -396,3 +396,30 @@ def test_random_events_never_raise(endpoint: str, strip: bool, events: list[tupl
     assert u is None or u.total_tokens == u.input_tokens + u.output_tokens
     for _, obj in events:
         Meter(endpoint).read_body(orjson.dumps(obj))
+
+
+# -- the unparsed content chunks after the first output still count towards the estimate ----------
+
+
+def _content_chunk(text: str, finish: str | None = None) -> bytes:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}], "usage": None}  # fmt: skip
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("texts", "tolerance"),
+    [
+        pytest.param([f" word{i}" for i in range(30)], 0, id="ascii-exact"),
+        pytest.param(["Hello", " wörld", " ünïcode", " ok"] * 5, 0.5, id="non-ascii"),
+        pytest.param(['line\n', 'quote "x"', "tab\t"] * 5, 0.25, id="escapes"),
+    ],
+)
+def test_skipped_content_chunks_still_count(texts: list[str], tolerance: float) -> None:
+    meter = Meter("chat")
+    for text in texts:
+        meter.feed(_content_chunk(text), 1.0)
+    meter.feed(_content_chunk("", "stop") + b"data: [DONE]\n\n", 2.0)
+    truth = sum(len(t) for t in texts)
+    assert abs(meter.output_chars - truth) <= tolerance * truth
+    assert meter.finish_reason == "stop" and meter.first_output_at == 1.0 and meter.done
