@@ -111,8 +111,19 @@ class Call:
         return self.error
 
 
+_ISO_SECOND: list[Any] = [-1, ""]  # the last whole second formatted: calls mostly share it
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """Return ts as UTC ISO 8601 with milliseconds; strftime runs once per second, not per call."""
+    sec = int(ts)
+    micros = round((ts - sec) * 1e6)  # as datetime rounds, so both agree to the millisecond
+    if micros >= 1_000_000:
+        sec, micros = sec + 1, micros - 1_000_000
+    if sec != _ISO_SECOND[0]:
+        _ISO_SECOND[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _ISO_SECOND[0] = sec
+    return f"{_ISO_SECOND[1]}.{micros // 1000:03d}Z"
 
 
 def _ms(start: float, end: float | None) -> float | None:

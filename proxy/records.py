@@ -118,6 +118,7 @@ class JsonlSink:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._flush_lock = asyncio.Lock()
 
     def path_for(self, run_id: str) -> Path:
         """Return the JSONL file of a run (run ids are validated before they get here)."""
@@ -193,7 +194,16 @@ class JsonlSink:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write every queued line now (in a worker thread)."""
+        """Write every queued line now (in a worker thread); returns once they are on disk.
+
+        Flushes are serialised: a caller that arrives while the background flusher is writing
+        waits for that batch too, so "flush() returned" means everything queued before is written,
+        and a failed batch is always put back before the next one is taken.
+        """
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending:
             if not self.healthy:
                 await asyncio.to_thread(self.check_writable)
