@@ -121,6 +121,7 @@ def _run_worker(cfg: config_mod.Config, pricebook: object | None, reuse_port: bo
         shutdown_timeout=cfg.shutdown_grace_s,
         handler_cancellation=True,
         reuse_port=reuse_port,
+        backlog=1024,  # aiohttp's 128 makes a burst of agents' connections wait for SYN retries
         max_field_size=cfg.max_header_bytes,
         max_line_size=cfg.max_header_bytes,
     )

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -311,3 +312,21 @@ async def make_proxy(tmp_path: Path, fake_upstream: FakeUpstream) -> Any:
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> ProxyUnderTest:
     return await make_proxy()
+
+
+async def health(base: str) -> tuple[int, dict[str, Any]]:
+    """GET /healthz of a proxy at base (scheme://host:port): its status and JSON body."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/healthz", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return r.status, await r.json()
+
+
+async def wait_health(base: str, status: int, timeout: float = 5.0) -> dict[str, Any]:
+    """Poll /healthz until it answers status; return its body (fails after timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got, body = await health(base)
+        if got == status:
+            return body
+        assert time.monotonic() < deadline, (got, body)
+        await asyncio.sleep(0.02)

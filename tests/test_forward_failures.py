@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from proxy.config import Timeouts, Upstream
-from tests.conftest import PAYLOADS, FakeUpstream, ProxyFactory, ProxyUnderTest
+from tests.conftest import PAYLOADS, FakeUpstream, ProxyFactory, ProxyUnderTest, health, wait_health
 
 MSG = [{"role": "user", "content": "Say hello to the tests."}]
 KEY = "sk-test-secret-key-123456"
@@ -683,22 +683,6 @@ async def test_hop_by_hop_and_consumed_headers_stay_behind(
 # -- the runs dir cannot be written ----------------------------------------------------------
 
 
-async def _health(proxy: ProxyUnderTest) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(proxy.url("/healthz")) as r:
-            return r.status, await r.json()
-
-
-async def _wait_health(proxy: ProxyUnderTest, status: int, timeout: float = 2.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        got, body = await _health(proxy)
-        if got == status:
-            return body
-        assert time.monotonic() < deadline, (got, body)
-        await asyncio.sleep(0.02)
-
-
 def _block_runs_dir(path: Path) -> None:
     """Put a regular file where the runs dir should be: mkdir and open fail, even as root."""
     if path.is_dir():
@@ -712,7 +696,7 @@ async def test_unwritable_runs_dir_refuses_calls(
     runs = tmp_path / "runs"
     _block_runs_dir(runs)
     proxy = await make_proxy()
-    body = await _wait_health(proxy, 503)
+    body = await wait_health(proxy.url(""), 503, timeout=2.0)
     assert body["status"] == "unhealthy" and body["error"]
     c = client(proxy, "blocked")
     with pytest.raises(openai.InternalServerError) as info:
@@ -723,7 +707,7 @@ async def test_unwritable_runs_dir_refuses_calls(
     assert fake_upstream.requests == []
     # The runs dir comes back: health recovers, the refused call's record is written, calls flow again.
     runs.unlink()
-    await _wait_health(proxy, 200)
+    await wait_health(proxy.url(""), 200, timeout=2.0)
     rec = await only_record(proxy, "blocked")
     check_error(rec, "recording_unavailable", error_id)
     assert rec["status"] == 503
@@ -737,14 +721,14 @@ async def test_unwritable_runs_dir_pass_mode(tmp_path: Path, make_proxy: ProxyFa
     runs = tmp_path / "runs"
     _block_runs_dir(runs)
     proxy = await make_proxy(on_record_failure="pass")
-    await _wait_health(proxy, 503)
+    await wait_health(proxy.url(""), 503, timeout=2.0)
     c = client(proxy, "passed")
     resp = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert resp.choices[0].message.content == "Hello there!"
     await asyncio.sleep(0.15)
-    assert (await _health(proxy))[0] == 503  # still loud while the record is held
+    assert (await health(proxy.url("")))[0] == 503  # still loud while the record is held
     runs.unlink()
-    await _wait_health(proxy, 200)
+    await wait_health(proxy.url(""), 200, timeout=2.0)
     rec = await only_record(proxy, "passed")
     assert rec["success"] is True and rec["output_tokens"] == 3
 
@@ -760,14 +744,14 @@ async def test_runs_dir_lost_after_start(
     _block_runs_dir(runs)
     # This call goes through (the proxy cannot know yet); its record cannot be written.
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
-    await _wait_health(proxy, 503)
+    await wait_health(proxy.url(""), 503, timeout=2.0)
     with pytest.raises(openai.InternalServerError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert info.value.status_code == 503
     assert check_openai_error(info.value.response.json())["code"] == "recording_unavailable"
     assert len(fake_upstream.requests) == 2
     runs.unlink()
-    await _wait_health(proxy, 200)
+    await wait_health(proxy.url(""), 200, timeout=2.0)
     recs = await proxy.wait_records("lost", 2)
     await asyncio.sleep(0.15)
     recs = await proxy.records("lost")
