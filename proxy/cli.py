@@ -167,7 +167,7 @@ def _use_event_loop(choice: str) -> None:
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise ConfigError("event_loop: uvloop is not installed (pip install 'metering-proxy[fast]')") from None
+            raise ConfigError("event_loop: uvloop is not installed (pip install uvloop)") from None
         return
     import asyncio
 
