@@ -9,9 +9,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from time import perf_counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -133,7 +133,9 @@ def _ms(start: float, end: float | None) -> float | None:
 class Forwarder:
     """Holds the shared client session, router and sink; its methods are the route handlers."""
 
-    def __init__(self, cfg: Config, session: aiohttp.ClientSession | None, sink: JsonlSink, pricebook: Any = None) -> None:
+    def __init__(
+        self, cfg: Config, session: aiohttp.ClientSession | None, sink: JsonlSink, pricebook: Any = None
+    ) -> None:
         self.cfg = cfg
         self.session = session
         self.sink = sink
@@ -556,6 +558,7 @@ def _stream_error_event(endpoint: str, error: ErrorInfo) -> bytes:
     """The error event that ends a broken stream, in the client's own protocol."""
     message = f"metering-proxy: {error.detail} (error id {error.id})"
     kind = "timeout_error" if error.category == "timeout" else "api_error"
+    payload: dict[str, Any]
     if endpoint == "messages":
         payload = {"type": "error", "error": {"type": kind, "message": message}}
         return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"

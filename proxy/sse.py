@@ -38,7 +38,8 @@ class Event:
         )  # fmt: skip
 
     def __repr__(self) -> str:
-        return f"Event(event={self.event!r}, data={self.data!r}, raw={self.raw!r}, is_error_field={self.is_error_field})"
+        fields = f"event={self.event!r}, data={self.data!r}, raw={self.raw!r}, is_error_field={self.is_error_field}"
+        return f"Event({fields})"
 
 
 class SSEDecoder:

@@ -169,7 +169,8 @@ class FakeUpstream:
                                       "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
                                       "usage": {"prompt_tokens": 8, "total_tokens": 8}})  # fmt: skip
         usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
-                 "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+                 "prompt_tokens_details": {"cached_tokens": 0},
+                 "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
         if not body.get("stream"):
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1735689600, "model": model,

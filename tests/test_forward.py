@@ -104,7 +104,8 @@ async def _acall(c: openai.AsyncOpenAI, kind: str, stream: bool, fake: str) -> l
     else:
         opts = {"include_usage": True} if kind == "chat_usage" else None
         out = await c.chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=stream,  # type: ignore[call-overload]
-                                              extra_headers=h, **({"stream_options": opts} if opts else {}))  # fmt: skip
+                                              extra_headers=h,
+                                              **({"stream_options": opts} if opts else {}))  # fmt: skip
     if not stream:
         return [out.model_dump()]
     return [event.model_dump() async for event in out]
