@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import access, budgets, errors, runs_api
 from proxy.config import Config
-from proxy.forward import Forwarder, expect_continue
+from proxy.forward import Forwarder, expect_continue, metered_endpoint
 from proxy.meter import ENDPOINTS
 from proxy.metrics import Metrics
 from proxy.records import JsonlSink
@@ -79,6 +79,10 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
         return await request.app[FORWARDER].metered(request)
 
     async def passthrough(request: web.Request) -> web.StreamResponse:
+        # A metered path spelt with a trailing or doubled slash is still an LLM call to record.
+        endpoint = metered_endpoint(request.method, request.match_info["tail"])
+        if endpoint is not None:
+            return await request.app[FORWARDER].metered(request, endpoint)
         return await request.app[FORWARDER].passthrough(request)
 
     for prefix in ("", "/run/{run_id}"):
@@ -101,7 +105,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=cfg.max_connections, keepalive_timeout=60, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_read=t.read_s),
         auto_decompress=True,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        skip_auto_headers=("User-Agent", "Accept", "Content-Type"),
         trust_env=False,
     )
     app[FORWARDER].session = session

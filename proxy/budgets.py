@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("metering_proxy.budgets")
 
 UNITS = 10**10
+MAX_LIMIT = 1e12  # USD or tokens; larger limits mean "none" and would overflow the integer units
 """USD is counted in integer units of 1e-10 USD, the precision of a record's cost_usd."""
 UNCAPPED_OUTPUT_RESERVE = 1024
 """Output tokens reserved for a call that sets no max_tokens (its excess over this is unbounded)."""
@@ -103,8 +104,9 @@ def _header_limit(request: web.Request, name: str, usd: bool) -> Limit | None:
         value = float(raw) if usd else int(raw.strip())
     except ValueError:
         value = -1
-    if not math.isfinite(value) or value < 0:
-        kind = "a number of USD >= 0, e.g. 2.50" if usd else "a whole number of tokens >= 0, e.g. 500000"
+    if not math.isfinite(value) or value < 0 or value > MAX_LIMIT:
+        kind = (f"a number of USD from 0 to {MAX_LIMIT:.0e}, e.g. 2.50" if usd
+                else f"a whole number of tokens from 0 to {MAX_LIMIT:.0e}, e.g. 500000")  # fmt: skip
         raise errors.BadRequest(
             f"{name} must be {kind} (got {raw[:40]!r}).", param=name, code="invalid_budget"
         )

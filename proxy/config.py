@@ -204,9 +204,11 @@ def _limits(raw: Any, path: str, match: str | None) -> BudgetRule:
         raise _fail(path.rstrip("."), "must be a mapping with usd and/or tokens")
     _check_keys(raw, {"usd", "tokens"} if match is None else {"match", "usd", "tokens"}, path)
     usd = _num(raw, "usd", path, None, allow_none=True)
-    if usd is not None and not math.isfinite(usd):
-        raise _fail(f"{path}usd", "must be a finite number")
+    if usd is not None and (not math.isfinite(usd) or usd > 1e12):
+        raise _fail(f"{path}usd", "must be a finite number up to 1e12 (omit it for no limit)")
     tokens = _num(raw, "tokens", path, None, allow_none=True, integer=True)
+    if tokens is not None and tokens > 10**12:
+        raise _fail(f"{path}tokens", "must be at most 1e12 (omit it for no limit)")
     return BudgetRule(match=match or "*", usd=usd, tokens=tokens)
 
 

@@ -185,6 +185,15 @@ _SECRET = re.compile(
 )
 
 
+# Where an upstream's error message starts echoing the request ('input': [...] in a pydantic
+# validation error, "content": ... in a JSON dump): prompt text must never reach a record or log.
+_ECHO = re.compile(r"""['"](?:input|input_value|text|content|prompt|messages|system)['"]\s*:""")
+
+
 def scrub(text: str, limit: int = 200) -> str:
-    """Return text with anything key-shaped masked, cut to limit characters."""
-    return _SECRET.sub("[redacted]", text)[:limit]
+    """Return text with anything key-shaped masked and any echoed request cut, in limit characters."""
+    text = _SECRET.sub("[redacted]", text)
+    echo = _ECHO.search(text)
+    if echo is not None:
+        text = text[: echo.start()] + "[request content removed]"
+    return text[:limit]

@@ -36,7 +36,9 @@ _HOP_BY_HOP = frozenset(
 # Responses are decompressed on the way in (so usage can be read) and sent on uncompressed.
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
 # aiohttp decodes gzip/deflate/br request bodies too, and the decoded body is what goes upstream.
-_REQUEST_DROP = _HOP_BY_HOP | {"content-encoding"}
+# accept-encoding too: the client's list may name codings aiohttp cannot decode (br, zstd), and
+# usage must be read; aiohttp advertises what it can decode, and the client gets identity anyway.
+_REQUEST_DROP = _HOP_BY_HOP | {"content-encoding", "accept-encoding"}
 _CONSUMED = frozenset({"x-run-id", "x-task-name"})
 _TAG_PREFIX = "x-meter-tag-"
 _MAX_TAGS = 32
@@ -226,9 +228,9 @@ class Forwarder:
         self._record(call)
         return errors.render(exc, err.id, call.request_id)
 
-    async def metered(self, request: web.Request) -> web.StreamResponse:
+    async def metered(self, request: web.Request, endpoint: str | None = None) -> web.StreamResponse:
         """Forward one LLM call and record exactly one line for it, whatever happens."""
-        call = Call(request.match_info["tail"], request.method)
+        call = Call(endpoint or request.match_info["tail"], request.method)
         try:
             return await self._metered(request, call)
         except ProxyError as exc:
@@ -323,7 +325,7 @@ class Forwarder:
                 body = orjson.dumps({**obj, "stream_options": merged})
                 call.injected = True
                 call.meter.strip_usage = True
-        url = self._url(upstream, request.match_info["tail"], request.query_string)
+        url = self._url(upstream, call.endpoint, request.query_string)
         up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
         call.up = up
         call.ttfb = perf_counter()
@@ -538,6 +540,14 @@ def _undecodable(request: web.Request, exc: Exception) -> ProxyError:
                              param="Content-Encoding" if enc else None)  # fmt: skip
 
 
+def metered_endpoint(method: str, tail: str) -> str | None:
+    """The metered endpoint a /v1 path means despite stray slashes (chat/completions/, //chat/...)."""
+    if method != "POST":
+        return None
+    canonical = "/".join(part for part in tail.split("/") if part)
+    return canonical if canonical in ENDPOINTS else None
+
+
 def _error_detail(body: bytes, status: int) -> str:
     """Pull the message out of an upstream error body of any dialect (JSON, HTML or empty)."""
     if not body:
@@ -552,6 +562,7 @@ def _error_detail(body: bytes, status: int) -> str:
         message = err.get("message") or err.get("type") or ""
         return f"upstream answered {status}: {message}"
     return f"upstream answered {status}: {err}"
+
 
 
 def _stream_error_event(endpoint: str, error: ErrorInfo) -> bytes:

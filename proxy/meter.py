@@ -34,6 +34,11 @@ _CHAT_OUTPUT = frozenset({"content", "reasoning_content", "reasoning", "refusal"
 _MARKER = re.compile(rb'"(?:usage|finish_reason)"\s*+:\s*+(?!null)|"(?:error|tool_calls|timings|stats|x_groq)"')
 
 
+def _plain(data: bytes) -> bool:
+    """ASCII JSON without escapes: its byte length equals its character count."""
+    return data.isascii() and b"\\" not in data
+
+
 def _routine_chunk(data: bytes) -> bool:
     """Tell a plain content delta (skippable) from a chunk that carries usage, an end or an error.
 
@@ -103,9 +108,10 @@ class Meter:
         if data == b"[DONE]":
             self.done = True
             return True
-        if self._overhead >= 0 and not ev.is_error_field and _routine_chunk(data):
+        if self._overhead >= 0 and not ev.is_error_field and _plain(data) and _routine_chunk(data):
             # A plain content delta after the first output: nothing in it changes the record but
             # its length, so skip the JSON parse (most of a stream's metering cost) and count it.
+            # Only ASCII without escapes is skipped, so its byte length is its character count.
             self.output_chars += max(len(data) - self._overhead, 0)
             return True
         try:
@@ -124,10 +130,10 @@ class Meter:
         elif self.endpoint == "responses":
             self._responses_event(ev.event or obj.get("type"), obj, now)
         else:
-            return self._chat_chunk(obj, now)
+            return self._chat_chunk(obj, now, data)
         return True
 
-    def _chat_chunk(self, obj: dict[str, Any], now: float) -> bool:
+    def _chat_chunk(self, obj: dict[str, Any], now: float, data: bytes = b"") -> bool:
         err = obj.get("error")
         if err:
             self._error_from(obj)
@@ -141,10 +147,10 @@ class Meter:
             for choice in choices:
                 if isinstance(choice, dict):
                     self._choice(choice, now)
-            if not had_output and self.first_output_at is not None and len(choices) == 1:
-                # The bytes around the text of the first content chunk: later plain content chunks
-                # are counted as their length minus this, without parsing them (see _routine_chunk).
-                self._overhead = len(orjson.dumps(obj)) - (self.output_chars - before)
+            if not had_output and self.first_output_at is not None and len(choices) == 1 and _plain(data):
+                # The wire bytes around the text of the first content chunk: later plain content
+                # chunks are counted as their length minus this, unparsed (see _routine_chunk).
+                self._overhead = len(data) - (self.output_chars - before)
         usage = obj.get("usage")
         keep = True
         if isinstance(usage, dict):

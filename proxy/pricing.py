@@ -37,6 +37,7 @@ _SUFFIX = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{2}-\d{2}|\d{4}|0\d\d|la
 # Provider names as upstreams are often called, where the table spells the prefix differently.
 _ALIAS = {"together": "together_ai", "fireworks": "fireworks_ai", "google": "gemini", "vertex": "vertex_ai"}
 _CUSTOM_KEYS = ("model", "upstream", "input", "cached_input", "cache_write", "output")
+_WARN_LIMIT = 1000  # distinct unknown model names warned about; names can come from clients
 _MEMO_LIMIT = 4096  # model names can come from clients; keep the memo from growing without bound
 _MAX_DOWNLOAD = 64 * 1024 * 1024
 
@@ -305,7 +306,7 @@ class PriceBook:
             if upstream_cost is not None:  # the upstream priced it; nothing to warn about
                 return Cost(upstream_cost, "upstream", None, None, upstream_cost)
             name = model or requested_model or "<none>"
-            if name not in self._warned:
+            if name not in self._warned and len(self._warned) < _WARN_LIMIT:
                 self._warned.add(name)
                 hint = "add it under prices.custom or run `metering-proxy prices update`"
                 log.warning(

@@ -84,7 +84,8 @@ class Record:
             return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:
             # Header bytes that are not UTF-8 reach us as lone surrogates (aiohttp decodes with
-            # surrogateescape) and orjson refuses them; a record is never lost over one header value.
+            # surrogateescape), and integers past 64 bits, are refused by orjson; a record is never
+            # lost over one header value or one absurd number.
             return orjson.dumps(_clean(dataclasses.asdict(self)), option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -99,6 +100,8 @@ def _clean(value: Any) -> Any:
         return {_clean(k): _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return float(value)  # orjson writes 64-bit integers only; the record must still be written
     return value
 
 

@@ -38,13 +38,19 @@ class Usage:
     """The service tier the upstream says it used (priority, flex, batch, ...)."""
 
 
+_MAX_COUNT = 2**53
+
+
 def _int(value: Any) -> int:
     """Return value as a non-negative int; anything that is not a number counts as 0."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
     if isinstance(value, float) and not math.isfinite(value):
         return 0  # NaN/inf: int() would raise; garbage counts as 0
-    return max(int(value), 0)
+    out = int(value)
+    # No real count comes near 2**53; a larger one is garbage, and past 2**64 orjson could not
+    # even write the record.
+    return out if 0 <= out <= _MAX_COUNT else 0
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -66,7 +72,8 @@ def _opt_int(value: Any) -> int | None:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return None  # NaN/inf: int() would raise
-    return max(int(value), 0)
+    out = max(int(value), 0)
+    return out if out <= _MAX_COUNT else None
 
 
 def is_anthropic_usage(raw: dict[str, Any]) -> bool:

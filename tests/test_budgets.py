@@ -164,7 +164,8 @@ async def test_header_and_config_precedence(make_proxy: ProxyFactory, fake_upstr
 
 @pytest.mark.parametrize(("header", "value"), [("X-Run-Budget-Usd", "lots"), ("X-Run-Budget-Usd", "-1"),
                                                ("X-Run-Budget-Usd", "nan"), ("X-Run-Budget-Tokens", "1.5"),
-                                               ("X-Run-Budget-Tokens", "-3")])  # fmt: skip
+                                               ("X-Run-Budget-Tokens", "-3"), ("X-Run-Budget-Usd", "1e300"),
+                                               ("X-Run-Budget-Tokens", "10" * 20)])  # fmt: skip
 async def test_invalid_budget_header_is_400(
     make_proxy: ProxyFactory, fake_upstream: FakeUpstream, header: str, value: str
 ) -> None:

@@ -34,6 +34,8 @@ def test_overrides() -> None:
         ("upstreams: [{name: a, base_url: 'http://x/v1', api_key_env: MP_TEST_UNSET_VAR}]",
          "upstreams[0].api_key_env"),
         ("timeouts: {connect_s: -1}", "timeouts.connect_s"),
+        ("budgets: {default: {usd: 1.0e+300}}", "budgets.default.usd"),
+        ("budgets: {default: {tokens: 100000000000000000}}", "budgets.default.tokens"),
         ("fsync: sometimes", "fsync"),
         ("default_run_id: ../x", "default_run_id"),
         ("on_record_failure: drop", "on_record_failure"),

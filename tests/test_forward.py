@@ -137,3 +137,31 @@ async def test_client_sees_what_a_direct_call_sees(
         assert rec["output_tokens"] > 0 and rec["finish_reason"] is not None
     assert (rec["ttft_ms"] is not None) is stream
     assert rec["stream_usage_injected"] is (stream and kind == "chat")
+
+
+async def test_client_accept_encoding_is_not_forwarded(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
+    """A client asking for br/zstd must not get an answer the proxy cannot decode to read usage."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url("/v1/chat/completions"), json={"model": "m", "messages": MSGS},
+                          headers={"X-Run-Id": "enc", "Accept-Encoding": "br, zstd"}) as resp:  # fmt: skip
+            assert resp.status == 200 and "Content-Encoding" not in resp.headers
+            await resp.read()
+    sent = fake_upstream.requests[-1]["headers"].get("Accept-Encoding", "")
+    assert "br" not in sent and "zstd" not in sent
+    [rec] = await proxy.wait_records("enc", 1)
+    assert rec["success"] and rec["output_tokens"] == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions/", "/v1//chat/completions", "/run/slash/v1/chat/completions/"])
+async def test_stray_slashes_are_still_metered(proxy: ProxyUnderTest, fake_upstream: FakeUpstream, path: str) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url(path), json={"model": "m", "messages": MSGS},
+                          headers={"X-Run-Id": "slash"}) as resp:  # fmt: skip
+            assert resp.status == 200 and resp.headers["X-Request-Id"].startswith("req_")
+    assert fake_upstream.requests[-1]["path"] == "/v1/chat/completions"
+    [rec] = await proxy.wait_records("slash", 1)
+    assert rec["endpoint"] == "/v1/chat/completions" and rec["output_tokens"] == 3

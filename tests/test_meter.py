@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -401,25 +402,27 @@ def test_random_events_never_raise(endpoint: str, strip: bool, events: list[tupl
 # -- the unparsed content chunks after the first output still count towards the estimate ----------
 
 
-def _content_chunk(text: str, finish: str | None = None) -> bytes:
+def _content_chunk(text: str, finish: str | None = None, spaced: bool = False) -> bytes:
     chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
              "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}], "usage": None}  # fmt: skip
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    # spaced: Python's json.dumps style (", " and ": "), as llama-cpp-python writes it.
+    body = json.dumps(chunk).encode() if spaced else orjson.dumps(chunk)
+    return b"data: " + body + b"\n\n"
 
 
+@pytest.mark.parametrize("spaced", [False, True], ids=["compact", "spaced"])
 @pytest.mark.parametrize(
-    ("texts", "tolerance"),
+    "texts",
     [
-        pytest.param([f" word{i}" for i in range(30)], 0, id="ascii-exact"),
-        pytest.param(["Hello", " wörld", " ünïcode", " ok"] * 5, 0.5, id="non-ascii"),
-        pytest.param(['line\n', 'quote "x"', "tab\t"] * 5, 0.25, id="escapes"),
+        pytest.param([f" word{i}" for i in range(30)], id="ascii"),
+        pytest.param(["Hello", " wörld", " 天气很好", " ok"] * 5, id="non-ascii"),
+        pytest.param(["line\n", 'quote "x"', "tab\t", " plain"] * 5, id="escapes"),
     ],
 )
-def test_skipped_content_chunks_still_count(texts: list[str], tolerance: float) -> None:
+def test_skipped_content_chunks_count_exactly(texts: list[str], spaced: bool) -> None:
     meter = Meter("chat")
     for text in texts:
-        meter.feed(_content_chunk(text), 1.0)
-    meter.feed(_content_chunk("", "stop") + b"data: [DONE]\n\n", 2.0)
-    truth = sum(len(t) for t in texts)
-    assert abs(meter.output_chars - truth) <= tolerance * truth
+        meter.feed(_content_chunk(text, spaced=spaced), 1.0)
+    meter.feed(_content_chunk("", "stop", spaced=spaced) + b"data: [DONE]\n\n", 2.0)
+    assert meter.output_chars == sum(len(t) for t in texts)
     assert meter.finish_reason == "stop" and meter.first_output_at == 1.0 and meter.done

@@ -679,3 +679,13 @@ async def test_e2e_anthropic_stream_cost(make_proxy: Any, bundled_book: PriceBoo
     assert rec["cost_breakdown"] == pytest.approx(
         {"input": 3.6e-5, "cached_input": 2.4e-3, "cache_write": 5.625e-3, "output": 3.75e-3}
     )
+
+
+def test_unknown_model_warnings_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    book = PriceBook.load(BUNDLED_PRICES)
+    usage = Usage(input_tokens=1, output_tokens=1, total_tokens=2)
+    with caplog.at_level(logging.WARNING, logger="metering_proxy.pricing"):
+        for i in range(1500):
+            assert book.price(usage, model=f"nope-{i}", requested_model=None, upstream=None, provider=None,
+                              endpoint="chat").cost_usd is None  # fmt: skip
+    assert len(caplog.records) == 1000

@@ -525,3 +525,10 @@ def test_random_dicts_never_raise(raw: dict[str, Any], other: dict[str, Any]) ->
     U.is_anthropic_usage(raw)
     timing = U.server_timing(raw)
     assert timing is None or all(isinstance(v, float) for v in timing.values())
+
+
+def test_absurd_counts_are_garbage_not_records_lost() -> None:
+    from proxy.usage import from_openai
+
+    u = from_openai({"prompt_tokens": 1e20, "completion_tokens": 2**60, "total_tokens": 1e25})
+    assert (u.input_tokens, u.output_tokens, u.total_tokens) == (0, 0, 0)
