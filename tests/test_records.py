@@ -13,7 +13,8 @@ from proxy.records import ErrorInfo, JsonlSink, Record
 def _record(**changes: object) -> Record:
     base = Record(
         ts="2026-01-01T00:00:00.000Z", run_id="r", request_id="req_1", task=None, tags={},
-        endpoint="/v1/chat/completions", method="POST", upstream="u", provider=None, requested_model="m", model="m", stream=False, status=200,
+        endpoint="/v1/chat/completions", method="POST", upstream="u", provider=None, requested_model="m",
+        model="m", stream=False, status=200,
         success=True, finish_reason="stop", input_tokens=1, cached_input_tokens=0, cache_write_tokens=0,
         cache_write_5m_tokens=None, cache_write_1h_tokens=None, output_tokens=2, reasoning_tokens=0, total_tokens=3,
         usage_source="upstream", usage_raw=None, stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None,
