@@ -144,8 +144,14 @@ class Forwarder:
         self.pricebook = pricebook
         self.router = Router(cfg.upstreams)
         self.shutting_down = False
-        self._auth = {u.name: f"Bearer {os.environ[u.api_key_env]}" for u in cfg.upstreams if u.api_key_env}
         self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
+        # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
+        self._auth = {
+            u.name: (("x-api-key", os.environ[u.api_key_env]) if self._url_provider[u.name] == "anthropic"
+                     else ("Authorization", f"Bearer {os.environ[u.api_key_env]}"))
+            for u in cfg.upstreams
+            if u.api_key_env
+        }  # fmt: skip
         self.checks: list[Check] = []
         """Run before a call is forwarded, in order; raise a ProxyError to refuse it (budgets)."""
         self.observers: list[Callable[[Record], None]] = []
@@ -180,8 +186,10 @@ class Forwarder:
             out.add(key, value)
         auth = self._auth.get(upstream.name)
         if auth is not None:
-            out["Authorization"] = auth
+            # The injected key replaces whatever credentials the client sent, in either header.
+            out.popall("Authorization", None)
             out.popall("x-api-key", None)
+            out[auth[0]] = auth[1]
         for key, value in upstream.headers:
             out[key] = value
         return out

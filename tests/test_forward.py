@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 
@@ -165,3 +167,26 @@ async def test_stray_slashes_are_still_metered(proxy: ProxyUnderTest, fake_upstr
     assert fake_upstream.requests[-1]["path"] == "/v1/chat/completions"
     [rec] = await proxy.wait_records("slash", 1)
     assert rec["endpoint"] == "/v1/chat/completions" and rec["output_tokens"] == 3
+
+
+@pytest.mark.parametrize(("provider", "header", "value"), [
+    ("anthropic", "x-api-key", "sk-ant-injected"), (None, "Authorization", "Bearer sk-ant-injected")])  # fmt: skip
+async def test_api_key_env_uses_the_providers_header(
+    make_proxy: Any, fake_upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, provider: str | None,
+    header: str, value: str,
+) -> None:  # fmt: skip
+    import aiohttp
+
+    from proxy.config import Upstream
+
+    monkeypatch.setenv("MP_TEST_UPSTREAM_KEY", "sk-ant-injected")
+    proxy = await make_proxy(upstreams=(Upstream(name="u", base_url=fake_upstream.base_url, provider=provider,
+                                                 api_key_env="MP_TEST_UPSTREAM_KEY"),))  # fmt: skip
+    client_creds = {"Authorization": "Bearer client-key", "x-api-key": "client-key"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url("/v1/chat/completions"), json={"model": "m", "messages": MSGS},
+                          headers=client_creds) as resp:  # fmt: skip
+            assert resp.status == 200
+    sent = {k.lower(): v for k, v in fake_upstream.requests[-1]["headers"].items()}
+    assert sent[header.lower()] == value
+    assert "client-key" not in " ".join(sent.values())
