@@ -85,7 +85,12 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
             return await request.app[FORWARDER].metered(request, endpoint)
         return await request.app[FORWARDER].passthrough(request)
 
+    async def native(request: web.Request) -> web.StreamResponse:
+        return await request.app[FORWARDER].metered(request, "api/" + request.match_info["tail"])
+
     for prefix in ("", "/run/{run_id}"):
+        app.router.add_post(prefix + "/api/{tail:chat|generate|embed|embeddings}", native,
+                            expect_handler=expect_continue)  # fmt: skip
         # expect_continue: aiohttp's own Expect handling answers 417 (or 500) before any handler runs.
         app.router.add_post(prefix + "/v1/{tail:" + _METERED + "}", metered, expect_handler=expect_continue)
         app.router.add_route("*", prefix + "/v1/{tail:.*}", passthrough, expect_handler=expect_continue)

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from proxy import errors, providers
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
-from proxy.meter import ENDPOINTS, Meter, estimate_input_tokens, estimate_output_tokens
+from proxy.meter import ENDPOINTS, NATIVE_ENDPOINTS, Meter, estimate_input_tokens, estimate_output_tokens
 from proxy.records import ErrorInfo, JsonlSink, Record
 from proxy.usage import Usage
 
@@ -95,7 +95,7 @@ class Call:
         self.requested_model: str | None = None
         self.stream = False
         self.status = 0
-        self.meter = Meter(ENDPOINTS.get(endpoint, "chat"))
+        self.meter = Meter(ENDPOINTS.get(endpoint) or NATIVE_ENDPOINTS.get(endpoint) or "chat")
         self.ttfb: float | None = None
         self.error: ErrorInfo | None = None
         self.injected = False
@@ -209,7 +209,10 @@ class Forwarder:
         return out
 
     def _url(self, upstream: Upstream, tail: str, query: str) -> str:
-        url = f"{upstream.base_url}/{tail}"
+        base = upstream.base_url
+        if tail in NATIVE_ENDPOINTS and base.endswith("/v1"):
+            base = base[:-3]  # Ollama's native API lives beside /v1, at the server's root
+        url = f"{base}/{tail}"
         return f"{url}?{query}" if query else url
 
     async def _send(self, method: str, url: str, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
@@ -310,7 +313,8 @@ class Forwarder:
             raise errors.BadRequest("The request must name a model: 'model' must be a non-empty string.",
                                     param="model", code="missing_model")  # fmt: skip
         call.requested_model = model
-        stream = obj.get("stream", False)
+        # Ollama's native chat and generate stream unless told not to; every other API only when asked.
+        stream = obj.get("stream", call.endpoint in ("api/chat", "api/generate"))
         if not isinstance(stream, bool) and stream is not None:
             raise errors.BadRequest("'stream' must be true or false.", param="stream")
         call.stream = bool(stream)
@@ -340,7 +344,7 @@ class Forwarder:
         call.status = up.status
         call.headers_seen = up.headers
         ctype = up.headers.get("Content-Type", "")
-        if up.status < 400 and ctype.startswith("text/event-stream"):
+        if up.status < 400 and (ctype.startswith("text/event-stream") or ctype.startswith("application/x-ndjson")):
             return await self._stream(request, call, up)
         return await self._buffered(request, call, up)
 
@@ -458,7 +462,7 @@ class Forwarder:
             request_id=call.request_id,
             task=call.task,
             tags=call.tags,
-            endpoint="/v1/" + call.endpoint,
+            endpoint=("/" if call.endpoint in NATIVE_ENDPOINTS else "/v1/") + call.endpoint,
             method=call.method,
             upstream=upstream_name,
             provider=provider,
@@ -584,5 +588,7 @@ def _stream_error_event(endpoint: str, error: ErrorInfo) -> bytes:
     if endpoint == "responses":
         payload = {"type": "error", "code": error.category, "message": message, "param": None}
         return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+    if endpoint == "ollama":  # Ollama's own mid-stream error: an NDJSON {"error": "..."} line
+        return b"\n" + orjson.dumps({"error": message}) + b"\n"
     payload = {"error": {"message": message, "type": "server_error", "param": None, "code": error.category}}
     return b"\n\ndata: " + orjson.dumps(payload) + b"\n\n"

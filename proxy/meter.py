@@ -24,6 +24,17 @@ ENDPOINTS: dict[str, str] = {
     "responses": "responses",
     "messages": "messages",
 }
+#: Ollama's native API (NDJSON streams, metrics in nanoseconds): path -> dialect.
+NATIVE_ENDPOINTS: dict[str, str] = {
+    "api/chat": "ollama",
+    "api/generate": "ollama",
+    "api/embed": "ollama",
+    "api/embeddings": "ollama",
+}
+_MAX_LINE = 16 * 1024 * 1024
+# Ollama's final object: the fields kept as usage_raw (its counts and durations, never text).
+_OLLAMA_METRICS = ("prompt_eval_count", "prompt_eval_cached_count", "eval_count", "total_duration",
+                   "load_duration", "prompt_eval_duration", "eval_duration")  # fmt: skip
 
 # Anthropic content_block_delta types that carry generated output.
 _ANTHROPIC_OUTPUT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
@@ -54,7 +65,7 @@ class Meter:
     __slots__ = (
         "endpoint", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
-        "service_tier", "usage_final", "_anthropic_usage", "_overhead",
+        "service_tier", "usage_final", "_anthropic_usage", "_overhead", "_line",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
@@ -76,12 +87,16 @@ class Meter:
         self._anthropic_usage: dict[str, Any] | None = None
         self.usage_final = True
         self._overhead = -1
+        self._line = b""
         """Chat/completions: bytes of a content chunk that are not text; -1 until measured."""
 
     # -- streams ---------------------------------------------------------------------------
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Meter one stream chunk; return the bytes to pass on (the chunk itself unless stripping)."""
+        if self.endpoint == "ollama":
+            self._ndjson(chunk, now)
+            return chunk
         aligned = not self.decoder.pending
         events = self.decoder.feed(chunk)
         if not self.strip_usage:
@@ -95,6 +110,9 @@ class Meter:
 
     def finish(self, now: float) -> bytes:
         """Meter what is left when the stream ends; return any bytes still owed to the client."""
+        if self.endpoint == "ollama":
+            self._ndjson(b"\n", now)
+            return b""
         events = self.decoder.flush()
         kept = [ev.raw for ev in events if self._event(ev, now)]
         return b"".join(kept) if self.strip_usage else b""
@@ -132,6 +150,45 @@ class Meter:
         else:
             return self._chat_chunk(obj, now, data)
         return True
+
+    def _ndjson(self, chunk: bytes, now: float) -> None:
+        """Ollama's native streams: one JSON object per line; the last has done: true and metrics."""
+        buf = self._line + chunk
+        *lines, rest = buf.split(b"\n")
+        self._line = rest if len(rest) <= _MAX_LINE else b""  # a runaway line is not buffered forever
+        for line in lines:
+            if not line.strip():
+                continue
+            self.events += 1
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                self._ollama_object(obj, now)
+
+    def _ollama_object(self, obj: dict[str, Any], now: float) -> None:
+        if "error" in obj:
+            self._error_from(obj)
+            return
+        if self.model is None and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        chars = _text_len(obj.get("response")) + _text_len(obj.get("thinking"))
+        message = _as_dict(obj.get("message"))
+        chars += _text_len(message.get("content")) + _text_len(message.get("thinking"))
+        if message.get("tool_calls"):
+            chars += max(1, _text_len(message.get("tool_calls")))
+        if chars:
+            self.output_chars += chars
+            if self.first_output_at is None:
+                self.first_output_at = now
+        if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
+            self.done = obj.get("done") is True or self.done
+            if isinstance(obj.get("done_reason"), str):
+                self.finish_reason = obj["done_reason"]
+            self.usage_raw = {k: obj[k] for k in _OLLAMA_METRICS if k in obj}
+            self.server_timing = U.server_timing(obj)
+            self.provider_hint = "ollama"
 
     def _chat_chunk(self, obj: dict[str, Any], now: float, data: bytes = b"") -> bool:
         err = obj.get("error")
@@ -293,6 +350,9 @@ class Meter:
             self._responses_object(obj)
             self.output_chars += _text_len(obj.get("output"))
             return True
+        if self.endpoint == "ollama":
+            self._ollama_object(obj, 0.0)
+            return True
         if isinstance(obj.get("model"), str):
             self.model = obj["model"]
         if isinstance(obj.get("usage"), dict):
@@ -322,6 +382,8 @@ class Meter:
             return U.from_anthropic(raw, self.service_tier)
         if self.endpoint == "responses":
             return U.from_responses(raw, self.service_tier)
+        if self.endpoint == "ollama":
+            return U.from_ollama_native(raw)
         return U.from_raw(raw, self.service_tier)
 
 

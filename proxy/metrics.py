@@ -39,6 +39,10 @@ OPERATIONS: dict[str, str] = {
     "/v1/responses": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",
+    "/api/chat": "chat",
+    "/api/generate": "text_completion",
+    "/api/embed": "embeddings",
+    "/api/embeddings": "embeddings",
 }
 #: Our provider names -> gen_ai.provider.name where the spec has a well-known value; the rest
 #: (vllm, ollama, openrouter, ...) keep their own name, as the spec asks for custom systems.

@@ -60,6 +60,14 @@ GARBAGE_EVENTS = (
 )
 
 
+# Ollama's native final object (docs.ollama.com/api/usage): counts, and durations in nanoseconds.
+OLLAMA_FINAL: dict[str, Any] = {
+    "created_at": "2025-10-17T23:14:07.414671Z", "done": True, "done_reason": "stop", "total_duration": 4883583458,
+    "load_duration": 1334875, "prompt_eval_count": 26, "prompt_eval_duration": 342546000, "eval_count": 282,
+    "eval_duration": 4535599000,
+}  # fmt: skip
+
+
 class FakeUpstream:
     """A scriptable OpenAI-compatible server. Behaviour is chosen per request by the X-Fake header.
 
@@ -84,6 +92,7 @@ class FakeUpstream:
         self.app = web.Application()
         self.app.router.add_post("/v1/{tail:.*}", self.handle)
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/api/{tail:.*}", self.native)
         self.app.on_response_prepare.append(self._mark)
         self.server: TestServer | None = None
 
@@ -96,6 +105,37 @@ class FakeUpstream:
     async def _mark(request: web.Request, response: web.StreamResponse) -> None:
         """Sign every answer, errors included, so a test can tell the upstream's 5xx from the proxy's."""
         response.headers["X-Fake-Upstream"] = "1"
+
+    async def native(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's native API: /api/chat, /api/generate (NDJSON streams by default), /api/embed."""
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else {}
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        tail, model = request.match_info["tail"], body.get("model", "llama3.2")
+        final = dict(OLLAMA_FINAL, model=model)
+        if tail == "embed":
+            return web.json_response({"model": model, "embeddings": [[0.1, -0.2]], "total_duration": 14143917,
+                                      "load_duration": 1019500, "prompt_eval_count": 8})  # fmt: skip
+        words = ["Hello", " there", "!"]
+        if tail == "chat":
+            lines = [{"model": model, "created_at": "2025-10-17T23:14:07Z", "done": False,
+                      "message": {"role": "assistant", "content": w}} for w in words]  # fmt: skip
+            final["message"] = {"role": "assistant", "content": "" if body.get("stream", True) else "".join(words)}
+        else:
+            lines = [{"model": model, "created_at": "2025-10-17T23:14:07Z", "response": w, "done": False}
+                     for w in words]  # fmt: skip
+            final["response"] = "" if body.get("stream", True) else "".join(words)
+        if not body.get("stream", True):
+            return web.json_response(final)
+        data = [orjson.dumps(x) + b"\n" for x in [*lines, final]]
+        split = int(request.headers.get("X-Fake-Split", "0"))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        joined = b"".join(data)
+        for chunk in [joined[i : i + split] for i in range(0, len(joined), split)] if split else data:
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     async def models(self, request: web.Request) -> web.Response:
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None})

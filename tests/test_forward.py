@@ -190,3 +190,48 @@ async def test_api_key_env_uses_the_providers_header(
     sent = {k.lower(): v for k, v in fake_upstream.requests[-1]["headers"].items()}
     assert sent[header.lower()] == value
     assert "client-key" not in " ".join(sent.values())
+
+
+# -- Ollama's native API: /api/chat, /api/generate (NDJSON), /api/embed ------------------------------
+
+
+@pytest.mark.parametrize(("path", "stream"), [("/api/chat", None), ("/api/chat", False), ("/api/generate", None),
+                                              ("/api/generate", False), ("/run/native/api/chat", None)])  # fmt: skip
+async def test_ollama_native(
+    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, path: str, stream: bool | None
+) -> None:
+    import aiohttp
+
+    body: dict[str, Any] = {"model": "llama3.2", "messages": MSGS, "prompt": "hi"}
+    if stream is not None:
+        body["stream"] = stream
+    upstream_root = fake_upstream.base_url.removesuffix("/v1")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(upstream_root + path.removeprefix("/run/native"), json=body) as resp:
+            direct = await resp.read()
+        headers = {} if path.startswith("/run/") else {"X-Run-Id": "native"}
+        async with s.post(proxy.url(path), json=body, headers=headers) as resp:
+            assert resp.status == 200
+            via = await resp.read()
+    assert via == direct
+    assert fake_upstream.requests[-1]["path"] == path.removeprefix("/run/native")
+    [rec] = await proxy.wait_records("native", 1)
+    assert rec["endpoint"] == path.removeprefix("/run/native") and rec["stream"] is (stream is None)
+    # From the final object: prompt_eval_count 26, eval_count 282; durations in ns -> ms.
+    assert (rec["input_tokens"], rec["output_tokens"], rec["total_tokens"]) == (26, 282, 308)
+    assert rec["usage_source"] == "upstream" and rec["finish_reason"] == "stop" and rec["success"]
+    assert rec["provider"] == "ollama" and rec["model"] == "llama3.2"
+    assert rec["server_timing"] == {"total_ms": 4883.583, "load_ms": 1.335, "prompt_ms": 342.546,
+                                    "generation_ms": 4535.599}  # fmt: skip
+    assert (rec["ttft_ms"] is not None) is (stream is None)
+
+
+async def test_ollama_native_embed(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url("/api/embed"), json={"model": "all-minilm", "input": "hi"},
+                          headers={"X-Run-Id": "emb"}) as resp:  # fmt: skip
+            assert resp.status == 200
+    [rec] = await proxy.wait_records("emb", 1)
+    assert (rec["input_tokens"], rec["output_tokens"], rec["stream"]) == (8, 0, False)

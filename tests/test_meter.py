@@ -426,3 +426,34 @@ def test_skipped_content_chunks_count_exactly(texts: list[str], spaced: bool) ->
     meter.feed(_content_chunk("", "stop", spaced=spaced) + b"data: [DONE]\n\n", 2.0)
     assert meter.output_chars == sum(len(t) for t in texts)
     assert meter.finish_reason == "stop" and meter.first_output_at == 1.0 and meter.done
+
+
+# -- Ollama's native NDJSON streams ---------------------------------------------------------------
+
+
+def test_ollama_ndjson_split_anywhere() -> None:
+    lines = [{"model": "llama3.2", "message": {"role": "assistant", "content": ""}, "done": False},
+             {"model": "llama3.2", "message": {"role": "assistant", "content": "Hel"}, "done": False},
+             {"model": "llama3.2", "message": {"role": "assistant", "content": "lo"}, "done": False},
+             {"model": "llama3.2", "message": {"role": "assistant", "content": ""}, "done": True,
+              "done_reason": "stop", "total_duration": 2_000_000, "prompt_eval_count": 26, "eval_count": 282,
+              "eval_duration": 1_500_000}]  # fmt: skip
+    data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+    first_output_end = data.index(b"Hel")
+    for cut in range(len(data) + 1):
+        meter = Meter("ollama")
+        assert meter.feed(data[:cut], 1.0) == data[:cut]
+        meter.feed(data[cut:], 2.0)
+        meter.finish(3.0)
+        usage = meter.usage()
+        assert usage is not None and (usage.input_tokens, usage.output_tokens) == (26, 282)
+        assert meter.done and meter.finish_reason == "stop" and meter.model == "llama3.2"
+        assert meter.output_chars == 5
+        assert meter.first_output_at == (1.0 if cut > data.index(b"\n", first_output_end) else 2.0)
+        assert meter.server_timing == {"total_ms": 2.0, "generation_ms": 1.5}
+
+
+def test_ollama_ndjson_error_line() -> None:
+    meter = Meter("ollama")
+    meter.feed(b'{"model":"m","response":"a","done":false}\n{"error":"model runner crashed"}\n', 1.0)
+    assert meter.error_category == "server_error" and "crashed" in (meter.error_detail or "")
