@@ -78,7 +78,7 @@ class Call:
     __slots__ = (
         "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "headers_seen", "extra_headers",
+        "request_obj", "up", "extra_headers",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, method: str) -> None:
@@ -102,7 +102,6 @@ class Call:
         self.upstream_request_id: str | None = None
         self.request_obj: dict[str, Any] | None = None
         self.up: aiohttp.ClientResponse | None = None
-        self.headers_seen: Any = None
         self.extra_headers: dict[str, str] = {}
         """Headers a pre-forward check wants on the client's response (e.g. budget spend)."""
 
@@ -342,7 +341,6 @@ class Forwarder:
         call.up = up
         call.ttfb = perf_counter()
         call.status = up.status
-        call.headers_seen = up.headers
         ctype = up.headers.get("Content-Type", "")
         if up.status < 400 and (ctype.startswith("text/event-stream") or ctype.startswith("application/x-ndjson")):
             return await self._stream(request, call, up)
@@ -447,8 +445,8 @@ class Forwarder:
         # Under 1 ms of generation time the rate says nothing but "the upstream sent it all at once".
         tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window >= 1 else None
         provider = call.provider
-        if call.headers_seen is not None and provider is None:
-            provider = providers.from_response(call.headers_seen, meter.provider_hint, meter.usage_raw)
+        if call.up is not None and provider is None:
+            provider = providers.from_response(call.up.headers, meter.provider_hint, meter.usage_raw)
         upstream_name = call.upstream.name if call.upstream else None
         cost = None
         if self.pricebook is not None and source != "none":

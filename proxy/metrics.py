@@ -115,7 +115,7 @@ class SinkCollector:
         )
         # JsonlSink keeps its queue length private; reading it here is cheaper than a lock-step copy.
         yield GaugeMetricFamily(
-            "metering_proxy_records_pending", "Records queued, not yet written.", sink._count
+            "metering_proxy_records_pending", "Records queued, not yet written.", sink.pending
         )
         yield GaugeMetricFamily("metering_proxy_sink_healthy", "1 while records can be written, else 0.",
                                 1 if sink.healthy else 0)  # fmt: skip

@@ -123,6 +123,11 @@ class JsonlSink:
         self._closing = False
         self._flush_lock = asyncio.Lock()
 
+    @property
+    def pending(self) -> int:
+        """Records queued in memory, not yet written."""
+        return self._count
+
     def path_for(self, run_id: str) -> Path:
         """Return the JSONL file of a run (run ids are validated before they get here)."""
         return self.runs_dir / f"{run_id}.jsonl"

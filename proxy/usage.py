@@ -171,11 +171,6 @@ def from_openai(raw: dict[str, Any], service_tier: str | None = None) -> Usage:
     )
 
 
-def from_groq_x(raw: dict[str, Any]) -> Usage:
-    """Groq's ``x_groq.usage`` (final stream chunk): OpenAI token names plus times."""
-    return from_openai(raw)
-
-
 def from_ollama_native(body: dict[str, Any]) -> Usage:
     """Ollama's native /api/chat and /api/generate final object."""
     inp = _int(body.get("prompt_eval_count"))

@@ -190,7 +190,7 @@ def test_from_openai_service_tier_passes_through() -> None:
 def test_groq_x_usage_is_openai_shaped() -> None:
     raw = {"queue_time": 0.037494, "prompt_tokens": 18, "prompt_time": 0.000681, "completion_tokens": 556,
            "completion_time": 0.463333, "total_tokens": 574, "total_time": 0.464014}  # fmt: skip
-    assert U.from_groq_x(raw) == Usage(input_tokens=18, output_tokens=556, total_tokens=574)
+    assert U.from_raw(raw) == Usage(input_tokens=18, output_tokens=556, total_tokens=574)
 
 
 def test_ollama_native() -> None:
@@ -516,7 +516,7 @@ def _sane(u: Usage) -> None:
 @settings(max_examples=50, deadline=None)
 @given(raw=DICTS, other=DICTS)
 def test_random_dicts_never_raise(raw: dict[str, Any], other: dict[str, Any]) -> None:
-    for fn in (U.from_openai, U.from_anthropic, U.from_responses, U.from_raw, U.from_groq_x):
+    for fn in (U.from_openai, U.from_anthropic, U.from_responses, U.from_raw):
         _sane(fn(raw))
     _sane(U.from_ollama_native(raw))
     merged = U.merge_anthropic(raw, other)
