@@ -78,7 +78,7 @@ class Call:
     __slots__ = (
         "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "extra_headers",
+        "request_obj", "up", "extra_headers", "delivered",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, method: str) -> None:
@@ -104,6 +104,8 @@ class Call:
         self.up: aiohttp.ClientResponse | None = None
         self.extra_headers: dict[str, str] = {}
         """Headers a pre-forward check wants on the client's response (e.g. budget spend)."""
+        self.delivered = False
+        """The stream's final event reached the client: a hang-up after it loses nothing."""
 
     def fail(self, category: str, detail: str) -> ErrorInfo:
         """Mark the call failed (first failure wins) and return its error."""
@@ -252,6 +254,8 @@ class Forwarder:
             resp.headers.update(call.extra_headers)
             return resp
         except asyncio.CancelledError:
+            if call.delivered:
+                raise  # the client had the whole answer and hung up before the body's end: a success
             if call.status == 0:
                 call.status = 499  # nginx's "client closed request": no status was ever sent
             call.fail("proxy_shutdown" if self.shutting_down else "client_aborted",
@@ -394,6 +398,9 @@ class Forwarder:
                 out = meter.feed(chunk, perf_counter())
                 if out:
                     await resp.write(out)
+                # Clients stop reading at the final event (the sync SDK closes at [DONE]): from here on
+                # a hang-up is not an abort.
+                call.delivered = meter.done
             tail = meter.finish(perf_counter())
             if tail:
                 await resp.write(tail)
@@ -403,7 +410,8 @@ class Forwarder:
                 await resp.write(_stream_error_event(meter.endpoint, call.error))
             await resp.write_eof()
         except ConnectionError:
-            call.fail("client_aborted", "the client disconnected mid-stream")
+            if not call.delivered:
+                call.fail("client_aborted", "the client disconnected mid-stream")
         return resp
 
     def _check_stream_end(self, call: Call) -> None:

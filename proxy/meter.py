@@ -82,6 +82,7 @@ class Meter:
         self.server_timing: dict[str, float] | None = None
         self.events = 0
         self.done = False
+        """The dialect's final event was seen ([DONE], message_stop, response.completed, done: true)."""
         self.provider_hint: str | None = None
         self.service_tier: str | None = None
         self._anthropic_usage: dict[str, Any] | None = None
@@ -271,6 +272,8 @@ class Meter:
                 self._anthropic_usage = U.merge_anthropic(self._anthropic_usage, obj["usage"])
                 self.usage_raw = self._anthropic_usage
                 self.usage_final = True
+        elif kind == "message_stop":
+            self.done = True
         elif kind == "error":
             self._error_from(obj)
 
@@ -286,6 +289,7 @@ class Meter:
         elif kind in ("response.completed", "response.incomplete", "response.failed", "response.created"):
             response = _as_dict(obj.get("response"))  # not `or {}`: a non-dict must not raise
             self._responses_object(response)
+            self.done = kind != "response.created"
             if kind == "response.failed":
                 err = _as_dict(response.get("error"))
                 self._error(category_for_stream_error(str(err.get("code") or "server_error")),

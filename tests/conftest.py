@@ -74,6 +74,8 @@ class FakeUpstream:
     X-Fake values: absent (an OpenAI-like answer), 'fixture:<provider>/<case>' (replay a payload file),
     'status:<code>[:json|html|empty|long]', 'hang', 'cut' (close mid-stream), 'think:<seconds>'.
     X-Fake-Split: replay streams in pieces of this many bytes; X-Fake-Delay: seconds between pieces.
+    X-Fake-Linger: seconds a complete stream stays open after its final event before it ends (real
+    servers flush the last event before they finish the body; a client may hang up in between).
     'long' is a JSON error whose message is 5000+ characters and contains a key-shaped secret.
     'cutbody': a 200 JSON answer whose connection closes after a few bytes of its announced length.
     X-Fake-Cut: <n> with a stream fixture: replay its first n bytes, then drop the connection.
@@ -134,6 +136,7 @@ class FakeUpstream:
         joined = b"".join(data)
         for chunk in [joined[i : i + split] for i in range(0, len(joined), split)] if split else data:
             await resp.write(chunk)
+        await _linger(request)
         await resp.write_eof()
         return resp
 
@@ -272,8 +275,15 @@ class FakeUpstream:
             assert request.transport is not None
             request.transport.close()
             return resp
+        await _linger(request)
         await resp.write_eof()
         return resp
+
+
+async def _linger(request: web.Request) -> None:
+    linger = float(request.headers.get("X-Fake-Linger", "0"))
+    if linger:
+        await asyncio.sleep(linger)
 
 
 @pytest.fixture

@@ -607,6 +607,90 @@ async def test_client_disconnects_while_upstream_thinks(
     assert rec["ttfb_ms"] is None and rec["usage_source"] == "none" and rec["duration_ms"] < 1500
 
 
+#: A stream per dialect, and the bytes of its final event: a client that has read those has it all.
+_FINAL_EVENTS = [
+    ("/v1/chat/completions", {"stream": True}, "", b"data: [DONE]"),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}}, "", b"data: [DONE]"),
+    ("/v1/messages", {"stream": True}, "fixture:anthropic/messages_stream", b"event: message_stop"),
+    ("/v1/responses", {"stream": True}, "fixture:openai/responses_stream", b"response.completed"),
+    ("/api/chat", {"stream": True}, "", b'"done":true'),
+]
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.05])
+@pytest.mark.parametrize(("path", "extra", "fake", "final"), _FINAL_EVENTS, ids=lambda v: str(v)[:24])
+async def test_hang_up_after_the_final_event_is_a_success(
+    proxy: ProxyUnderTest, path: str, extra: dict[str, Any], fake: str, final: bytes, linger: float
+) -> None:
+    """A client that closes once it has the final event got the whole answer: success, upstream usage.
+
+    The sync openai SDK stops reading at [DONE] and closes; with linger the upstream keeps the body open
+    after its final event, so the close always lands while the proxy still waits for the end.
+    """
+    assert proxy.server.port is not None
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "input": "hi", "max_tokens": 5, **extra})
+    n = 8
+    for _ in range(n):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Run-Id: final\r\nX-Fake: {fake}\r\nX-Fake-Linger: {linger}\r\n\r\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+        writer.write(head.encode() + body)
+        seen = b""
+        while final not in seen:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, seen[-300:]
+            seen += chunk
+        writer.close()  # at once: the rest of the body (its terminating chunk) is never read
+        await writer.wait_closed()
+    recs = await proxy.wait_records("final", n)
+    assert len(recs) == n
+    for rec in recs:
+        assert rec["error"] is None and rec["success"] is True, rec["error"]
+        assert rec["status"] == 200 and rec["usage_source"] == "upstream", rec
+
+
+async def test_hang_up_before_the_final_event_stays_client_aborted(proxy: ProxyUnderTest) -> None:
+    assert proxy.server.port is not None
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Run-Id: early\r\nX-Fake-Delay: 0.1\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(head.encode() + body)
+    seen = b""
+    while b'"finish_reason":"stop"' not in seen:  # the last content chunk, but not [DONE] yet
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk
+        seen += chunk
+    writer.close()
+    await writer.wait_closed()
+    rec = await only_record(proxy, "early")
+    check_error(rec, "client_aborted")
+
+
+async def test_sync_sdk_streams_are_successes(proxy: ProxyUnderTest) -> None:
+    """The sync SDK closes at [DONE]: every call is a success with the upstream's usage."""
+    n = 100
+    c = openai.OpenAI(base_url=proxy.base_url, api_key=KEY, max_retries=0,
+                      default_headers={"X-Run-Id": "sync", "X-Fake-Linger": "0.01"})  # fmt: skip
+
+    def calls() -> None:
+        for _ in range(n):
+            stream = c.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)  # type: ignore
+            assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == "Hello there!"
+        c.close()
+
+    await asyncio.to_thread(calls)
+    recs = await proxy.wait_records("sync", n)
+    assert len(recs) == n
+    assert all(r["success"] is True and r["usage_source"] == "upstream" for r in recs), [
+        r["error"] for r in recs if not r["success"]
+    ]
+
+
 # -- run id from the path, unmetered paths, headers ------------------------------------------
 
 
