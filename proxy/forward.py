@@ -40,6 +40,8 @@ _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
 # usage must be read; aiohttp advertises what it can decode, and the client gets identity anyway.
 _REQUEST_DROP = _HOP_BY_HOP | {"content-encoding", "accept-encoding"}
 _CONSUMED = frozenset({"x-run-id", "x-task-name"})
+# Providers whose API refuses stream_options (and sends stream usage unasked).
+_NO_STREAM_OPTIONS = frozenset({"mistral"})
 _TAG_PREFIX = "x-meter-tag-"
 _MAX_TAGS = 32
 _MAX_TAG_LEN = 256
@@ -153,6 +155,8 @@ class Forwarder:
             for u in cfg.upstreams
             if u.api_key_env
         }  # fmt: skip
+        self._no_stream_options = {u.name for u in cfg.upstreams if self._url_provider[u.name] in _NO_STREAM_OPTIONS}
+        """Upstreams that answer a request carrying stream_options with an error (configured or learned)."""
         self.checks: list[Check] = []
         """Run before a call is forwarded, in order; raise a ProxyError to refuse it (budgets)."""
         self.observers: list[Callable[[Record], None]] = []
@@ -208,6 +212,22 @@ class Forwarder:
             out["X-Request-Id"] = call.request_id
             out.update(call.extra_headers)
         return out
+
+    def _stream_options(self, call: Call, upstream: Upstream, obj: dict[str, Any], body: bytes) -> bytes:
+        """The body of a chat/completions stream: usage asked for, or stream_options left out."""
+        options = obj.get("stream_options")
+        call.injected = call.meter.strip_usage = False
+        if upstream.name in self._no_stream_options:
+            # The server refuses the field, even when the client sent it; such servers (Mistral) put
+            # usage on their last chunk unasked, so the client still gets it.
+            return orjson.dumps({k: v for k, v in obj.items() if k != "stream_options"}) if options is not None else body
+        if not upstream.inject_stream_usage or (isinstance(options, dict) and options.get("include_usage") is True):
+            return body
+        # Ask for usage upstream; the meter hides the extra chunk from this client.
+        merged = dict(options) if isinstance(options, dict) else {}
+        merged["include_usage"] = True
+        call.injected = call.meter.strip_usage = True
+        return orjson.dumps({**obj, "stream_options": merged})
 
     def _url(self, upstream: Upstream, tail: str, query: str) -> str:
         base = upstream.base_url
@@ -331,17 +351,25 @@ class Forwarder:
         call.provider = self._url_provider[upstream.name]
         for check in self.checks:
             await check(call, request, obj)
-        if call.stream and call.meter.endpoint in ("chat", "completions") and upstream.inject_stream_usage:
-            options = obj.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                # Ask for usage upstream; the meter hides the extra chunk from this client.
-                merged = dict(options) if isinstance(options, dict) else {}
-                merged["include_usage"] = True
-                body = orjson.dumps({**obj, "stream_options": merged})
-                call.injected = True
-                call.meter.strip_usage = True
+        original = body
+        usage_stream = call.stream and call.meter.endpoint in ("chat", "completions")
+        if usage_stream:
+            body = self._stream_options(call, upstream, obj, original)
         url = self._url(upstream, call.endpoint, request.query_string)
-        up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
+        headers = self._upstream_headers(request, upstream)
+        up = await self._send(request.method, url, body, headers)
+        if usage_stream and (body is not original or "stream_options" in obj):
+            if await _rejects_stream_options(up):
+                # Some servers refuse the field outright (Mistral: 422 extra_forbidden); the call must not
+                # fail over it. Once per upstream: from now on its streams go without it.
+                up.release()
+                if upstream.name not in self._no_stream_options:
+                    self._no_stream_options.add(upstream.name)
+                    log.warning("upstream %s rejects stream_options (HTTP %s): its streams are sent without it"
+                                " from now on; their usage comes from the stream itself or is estimated",
+                                upstream.name, up.status)  # fmt: skip
+                body = self._stream_options(call, upstream, obj, original)
+                up = await self._send(request.method, url, body, headers)
         call.up = up
         call.ttfb = perf_counter()
         call.status = up.status
@@ -564,6 +592,16 @@ def metered_endpoint(method: str, tail: str) -> str | None:
         return None
     canonical = "/".join(part for part in tail.split("/") if part)
     return canonical if canonical in ENDPOINTS else None
+
+
+async def _rejects_stream_options(up: aiohttp.ClientResponse) -> bool:
+    """Whether an upstream's 400/422 names stream_options (its body stays readable for the record)."""
+    if up.status not in (400, 422):
+        return False
+    try:
+        return b"stream_options" in await up.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
 
 
 def _error_detail(body: bytes, status: int) -> str:

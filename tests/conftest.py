@@ -68,6 +68,15 @@ OLLAMA_FINAL: dict[str, Any] = {
 }  # fmt: skip
 
 
+# Mistral's answer to a field its schema does not know (a FastAPI/pydantic validation error).
+MISTRAL_EXTRA_FORBIDDEN: dict[str, Any] = {
+    "object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                                               "msg": "Extra inputs are not permitted",
+                                               "input": {"include_usage": True}}]},
+    "type": "invalid_request_message_error", "param": None, "code": None,
+}  # fmt: skip
+
+
 class FakeUpstream:
     """A scriptable OpenAI-compatible server. Behaviour is chosen per request by the X-Fake header.
 
@@ -81,6 +90,8 @@ class FakeUpstream:
     X-Fake-Cut: <n> with a stream fixture: replay its first n bytes, then drop the connection.
     'garbage': the normal answer with GARBAGE_EVENTS interleaved; 'garbage-only': a stream of just those.
     'big:<n>': an answer with about n bytes of content (a JSON body, or 4 KiB deltas when streaming).
+    'mistral': like Mistral's API, a 422 extra_forbidden for any stream_options, else usage on the last
+    chunk unasked (the mistral/chat_stream fixture); 'strict': the 422 too, else the normal answer.
     ``sent`` keeps the bytes of every stream sent, in order. Every answer carries X-Fake-Upstream: 1.
     Like real LLM servers it stops work when its client goes away (handler cancellation): ``cancelled``
     counts handlers cancelled that way, ``aborted`` handlers whose write found the connection gone.
@@ -157,6 +168,11 @@ class FakeUpstream:
         split = int(request.headers.get("X-Fake-Split", "0"))
         delay = float(request.headers.get("X-Fake-Delay", "0"))
         try:
+            if mode in ("mistral", "strict"):
+                if "stream_options" in body:
+                    return web.json_response(MISTRAL_EXTRA_FORBIDDEN, status=422)
+                if mode == "mistral" and body.get("stream"):
+                    return await self._stream(request, [load_case("mistral", "chat_stream")[0]], split, delay)
             if mode.startswith("fixture:"):
                 provider, case = mode.removeprefix("fixture:").split("/")
                 data, kind, _ = load_case(provider, case)

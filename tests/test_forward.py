@@ -235,3 +235,49 @@ async def test_ollama_native_embed(proxy: ProxyUnderTest, fake_upstream: FakeUps
             assert resp.status == 200
     [rec] = await proxy.wait_records("emb", 1)
     assert (rec["input_tokens"], rec["output_tokens"], rec["stream"]) == (8, 0, False)
+
+
+# -- servers that reject stream_options (Mistral: 422 extra_forbidden) ---------------------------
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+async def test_upstream_rejecting_stream_options_is_retried_once_and_remembered(
+    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = client(proxy, "strict", **{"X-Fake": "strict"})
+    for _ in range(3):
+        stream = await c.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+        assert "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices]) == "Hello there!"
+    sent = [r["body"] for r in fake_upstream.requests]
+    # The first call is refused with the injected field, then sent without it; later calls never carry it.
+    assert [("stream_options" in b) for b in sent] == [True, False, False, False]
+    recs = await proxy.wait_records("strict", 3)
+    for rec in recs:
+        assert rec["success"] is True and rec["status"] == 200 and rec["error"] is None, rec
+        assert rec["stream_usage_injected"] is False and rec["usage_source"] == "estimated"
+        assert rec["output_tokens"] > 0
+    assert sum("stream_options" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["provider-mistral", "detected-by-422"])
+@pytest.mark.parametrize("asks", [False, True], ids=["unasked", "client-asks-usage"])
+async def test_mistral_streams_with_and_without_the_client_asking_for_usage(
+    make_proxy: Any, fake_upstream: FakeUpstream, known: bool, asks: bool
+) -> None:
+    from proxy.config import Upstream
+
+    up = Upstream(name="mistral", base_url=fake_upstream.base_url, provider="mistral" if known else None)
+    proxy = await make_proxy(upstreams=(up,))
+    c = client(proxy, "mistral", **{"X-Fake": "mistral"})
+    opts: dict[str, Any] = {"stream_options": {"include_usage": True}} if asks else {}
+    stream = await c.chat.completions.create(model="mistral-small-latest", messages=HI, stream=True, **opts)
+    chunks = [ch async for ch in stream]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Bonjour ! Comment puis-je vous aider ?"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 15  # Mistral's own, unasked
+    [rec] = await proxy.wait_records("mistral", 1)
+    assert rec["success"] is True and rec["usage_source"] == "upstream" and rec["output_tokens"] == 15
+    assert rec["stream_usage_injected"] is False
+    retried = not known and (asks or up.inject_stream_usage)
+    assert len(fake_upstream.requests) == (2 if retried else 1)
+    assert "stream_options" not in fake_upstream.requests[-1]["body"]
