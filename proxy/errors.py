@@ -138,7 +138,7 @@ def render(exc: ProxyError, error_id: str, request_id: str | None = None) -> web
     """Turn a ProxyError into the OpenAI-shaped JSON response the client sees."""
     headers = {"X-Meter-Error-Id": error_id}
     if request_id:
-        headers["X-Request-Id"] = request_id
+        headers["X-Meter-Request-Id"] = request_id
     return web.Response(
         status=exc.status,
         body=error_body(exc.message, exc.type, exc.code or exc.category, exc.param),

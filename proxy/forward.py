@@ -205,11 +205,10 @@ class Forwarder:
             if key.lower() not in _RESPONSE_DROP:
                 out.add(key, value)
         if call is not None:
-            upstream_id = up.headers.get("x-request-id") or up.headers.get("request-id")
-            if upstream_id:
-                call.upstream_request_id = upstream_id
-                out["X-Upstream-Request-Id"] = upstream_id
-            out["X-Request-Id"] = call.request_id
+            # The upstream's x-request-id / request-id pass untouched: the SDK reports them as the id to
+            # quote to the provider. The proxy's own id goes beside them.
+            call.upstream_request_id = up.headers.get("x-request-id") or up.headers.get("request-id")
+            out["X-Meter-Request-Id"] = call.request_id
             out.update(call.extra_headers)
         return out
 

@@ -118,6 +118,8 @@ class FakeUpstream:
     async def _mark(request: web.Request, response: web.StreamResponse) -> None:
         """Sign every answer, errors included, so a test can tell the upstream's 5xx from the proxy's."""
         response.headers["X-Fake-Upstream"] = "1"
+        if "x-request-id" not in response.headers:  # like OpenAI's, on every answer, errors included
+            response.headers["x-request-id"] = "req_up_" + request.headers.get("X-Fake-Request-Id", "1")
 
     async def native(self, request: web.Request) -> web.StreamResponse:
         """Ollama's native API: /api/chat, /api/generate (NDJSON streams by default), /api/embed."""

@@ -69,7 +69,7 @@ async def test_missing_or_wrong_key_is_401_with_a_rejected_record(
                              json={"model": "gpt-4o-mini", "messages": MSGS}) as r:  # fmt: skip
             assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
             err = (await r.json())["error"]
-            request_id = r.headers["X-Request-Id"]
+            request_id = r.headers["X-Meter-Request-Id"]
     assert err["code"] == code and err["type"] == "invalid_request_error" and "proxy key" in err["message"]
     assert err["param"] == "Authorization"
     assert not fake_upstream.requests

@@ -11,7 +11,7 @@ from proxy import errors
 def test_render_is_openai_shaped_with_ids() -> None:
     resp = errors.render(errors.NoRoute("no route", param="model", code="model_not_found"), "abcdef012345", "req_1")
     assert resp.status == 404
-    assert resp.headers["X-Meter-Error-Id"] == "abcdef012345" and resp.headers["X-Request-Id"] == "req_1"
+    assert resp.headers["X-Meter-Error-Id"] == "abcdef012345" and resp.headers["X-Meter-Request-Id"] == "req_1"
     assert resp.body is not None
     body = orjson.loads(resp.body)  # type: ignore[arg-type]
     assert body == {"error": {"message": "no route", "type": "invalid_request_error", "param": "model",

@@ -163,7 +163,7 @@ async def test_stray_slashes_are_still_metered(proxy: ProxyUnderTest, fake_upstr
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url(path), json={"model": "m", "messages": MSGS},
                           headers={"X-Run-Id": "slash"}) as resp:  # fmt: skip
-            assert resp.status == 200 and resp.headers["X-Request-Id"].startswith("req_")
+            assert resp.status == 200 and resp.headers["X-Meter-Request-Id"].startswith("req_")
     assert fake_upstream.requests[-1]["path"] == "/v1/chat/completions"
     [rec] = await proxy.wait_records("slash", 1)
     assert rec["endpoint"] == "/v1/chat/completions" and rec["output_tokens"] == 3
@@ -281,3 +281,23 @@ async def test_mistral_streams_with_and_without_the_client_asking_for_usage(
     retried = not known and (asks or up.inject_stream_usage)
     assert len(fake_upstream.requests) == (2 if retried else 1)
     assert "stream_options" not in fake_upstream.requests[-1]["body"]
+
+
+@pytest.mark.parametrize("fake", ["", "status:429"])
+async def test_upstream_request_id_reaches_the_client_untouched(
+    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, fake: str
+) -> None:
+    """The SDK reports x-request-id as the id to quote to the provider: it must be the provider's."""
+    c = client(proxy, "ids", **{"X-Fake": fake, "X-Fake-Request-Id": "abc123"})
+    if fake:
+        with pytest.raises(openai.RateLimitError) as info:
+            await c.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        seen_id, headers = info.value.request_id, info.value.response.headers
+    else:
+        raw = await c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
+        seen_id, headers = raw.parse()._request_id, raw.headers
+    assert seen_id == "req_up_abc123"
+    [rec] = await proxy.wait_records("ids", 1)
+    assert rec["upstream_request_id"] == "req_up_abc123"
+    assert headers["X-Meter-Request-Id"] == rec["request_id"] and rec["request_id"].startswith("req_")
+    assert "X-Upstream-Request-Id" not in headers

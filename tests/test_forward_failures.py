@@ -157,7 +157,7 @@ async def test_upstream_error_json_reaches_client_unchanged(
     assert f"fake error {status}" in rec["error"]["detail"]
     assert rec["status"] == status and rec["upstream"] == "fake" and rec["requested_model"] == "gpt-4o-mini"
     assert rec["usage_source"] == "none" and rec["output_tokens"] == 0
-    assert rec["request_id"] == info.value.response.headers["x-request-id"]
+    assert rec["request_id"] == info.value.response.headers["x-meter-request-id"]
 
 
 async def test_upstream_error_on_a_stream_request(proxy: ProxyUnderTest) -> None:
@@ -342,7 +342,7 @@ async def test_bad_request_is_refused_and_recorded(
     assert err_body["param"] == param
     rec = await only_record(proxy, "refused")
     check_error(rec, category, headers["X-Meter-Error-Id"])
-    assert rec["status"] == status and rec["request_id"] == headers["X-Request-Id"]
+    assert rec["status"] == status and rec["request_id"] == headers["X-Meter-Request-Id"]
     assert rec["upstream"] is None and rec["usage_source"] == "none" and rec["ttfb_ms"] is None
     assert fake_upstream.requests == []
 

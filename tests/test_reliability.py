@@ -445,7 +445,7 @@ async def test_which_rejections_are_recorded_and_where(
     for data, extra, status, category in metered:
         got, headers, raw = await post(url, data, {**run, **extra})
         assert got == status, raw
-        seen.append((headers["X-Request-Id"], status, category))
+        seen.append((headers["X-Meter-Request-Id"], status, category))
     rejected = []
     for hdrs, target in [
         ({"X-Run-Id": "../etc/passwd"}, url),
@@ -454,7 +454,7 @@ async def test_which_rejections_are_recorded_and_where(
     ]:
         got, headers, raw = await post(target, ok, hdrs)
         assert got == 400 and orjson.loads(raw)["error"]["code"] == "invalid_run_id"
-        rejected.append(headers["X-Request-Id"])
+        rejected.append(headers["X-Meter-Request-Id"])
     requests_before = len(fake_upstream.requests)
     async with aiohttp.ClientSession(headers=run) as s:
         for method, path in [
@@ -782,7 +782,7 @@ async def stream_call(
         first = await r.content.readany()
         if started is not None:
             started.set()
-        return r.status, r.headers.get("X-Request-Id", ""), first + await r.read()
+        return r.status, r.headers.get("X-Meter-Request-Id", ""), first + await r.read()
 
 
 async def test_sigterm_under_load_drains_every_call(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -966,7 +966,7 @@ async def test_restart_after_a_torn_tail_starts_on_a_fresh_line(
     lines = path.read_bytes().split(b"\n")
     assert lines[-1] == b"" and lines[3] == torn and len(lines) == 6
     recs = [orjson.loads(line) for i, line in enumerate(lines[:-1]) if i != 3]
-    assert len(recs) == 4 and recs[-1]["request_id"] == headers["X-Request-Id"] and recs[-1]["success"]
+    assert len(recs) == 4 and recs[-1]["request_id"] == headers["X-Meter-Request-Id"] and recs[-1]["success"]
 
 
 async def test_runs_dir_replaced_by_a_file_mid_run(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -991,7 +991,7 @@ async def test_runs_dir_replaced_by_a_file_mid_run(fake_upstream: FakeUpstream, 
         runs.unlink()
         await wait_health(served.base, 200)
         recs = await wait_lines(runs / "gone.jsonl", 2)
-        assert [r["request_id"] for r in recs] == [h2["X-Request-Id"], h3["X-Request-Id"]]
+        assert [r["request_id"] for r in recs] == [h2["X-Meter-Request-Id"], h3["X-Meter-Request-Id"]]
         assert recs[0]["success"] is True and recs[1]["error"]["category"] == "recording_unavailable"
         assert "recording resumed" in served.err_text()
         assert (await post(served.base + CHAT, body, {"X-Run-Id": "gone"}))[0] == 200
@@ -1046,7 +1046,7 @@ async def test_disk_full_then_space_again(fake_upstream: FakeUpstream, tiny_fs: 
             status, headers, raw = await post(
                 served.base + CHAT, body, {"X-Run-Id": "full", "X-Meter-Tag-I": str(i)}
             )
-            ids.append(headers["X-Request-Id"])
+            ids.append(headers["X-Meter-Request-Id"])
             statuses.append(status)
             if status == 503:
                 assert orjson.loads(raw)["error"]["code"] == "recording_unavailable"

@@ -140,7 +140,7 @@ async def test_events_deliver_records_written_after_subscribing(proxy: ProxyUnde
         got = [await asyncio.wait_for(read_event(resp), 5) for _ in range(2)]
     assert [e for e, _ in got] == ["record", "record"]
     recs = [orjson.loads(data) for _, data in got]
-    assert recs[0]["request_id"] == raw.headers["x-request-id"] and recs[0]["request_id"] != old["request_id"]
+    assert recs[0]["request_id"] == raw.headers["x-meter-request-id"] and recs[0]["request_id"] != old["request_id"]
     assert recs[0]["model"] == "gpt-4o" and recs[1]["stream"] is True
     on_disk = await proxy.wait_records("r1", 3)
     assert recs == on_disk[1:]  # the same records as the file's, field for field
