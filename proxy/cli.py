@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from proxy import access
@@ -12,18 +16,44 @@ from proxy import config as config_mod
 from proxy.config import ConfigError
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own when running from a source tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("metering-proxy")
+    except metadata.PackageNotFoundError:
+        import proxy
+
+        return str(getattr(proxy, "__version__", "unknown"))
+
+
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for: reading package metadata costs every other command time."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit")  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        print(f"metering-proxy {version()}", flush=True)
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metering-proxy", description="Metering proxy for LLM APIs.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8787)")
+    serve.add_argument("--port", type=int, help="port to listen on, 1-65535; 0: any free port (default 8787)")
     serve.add_argument("--upstream", help="upstream base URL including /v1 (default https://api.openai.com/v1)")
     serve.add_argument("--runs-dir", help="directory for runs/<run-id>.jsonl (default ./runs)")
     serve.add_argument("--workers", type=int, default=1,
-                       help="processes sharing the port (SO_REUSEPORT) and the runs dir (default 1)")  # fmt: skip
+                       help="processes serving one listening socket and sharing the runs dir (default 1)")  # fmt: skip
 
     prices = sub.add_parser("prices", help="inspect or refresh the price table")
     psub = prices.add_subparsers(dest="prices_command", required=True)
@@ -87,21 +117,86 @@ def _serve(args: argparse.Namespace) -> int:
     access.check_exposure(cfg)  # before the start line: an open relay must not look like it started
     if args.workers < 1:
         raise ConfigError("--workers: must be >= 1")
+    # Also before the bind: a missing uvloop must fail here, not once per worker after the start line.
+    # The policy is inherited by forked workers, which create their loops only after the fork.
+    _use_event_loop(cfg.event_loop)
     pricebook = _pricebook(cfg)
-    upstreams = ", ".join(f"{u.name}={u.base_url}" for u in cfg.upstreams)
-    workers = f" ({args.workers} workers)" if args.workers > 1 else ""
-    print(
-        f"metering-proxy listening on http://{cfg.host}:{cfg.port}/v1{workers} -> forwarding to {upstreams};"
-        f" records in {cfg.runs_dir.resolve()}/<run-id>.jsonl",
-        flush=True,
-    )
+    try:
+        sock = _listen(cfg.host, cfg.port)
+    except OSError as exc:
+        print(f"metering-proxy: {_listen_error(cfg.host, cfg.port, exc)}", file=sys.stderr)
+        return 2
+    cfg = replace(cfg, port=int(sock.getsockname()[1]))  # port 0: the one the kernel chose
+    print(_start_line(cfg, args.workers), flush=True)
     if args.workers == 1:
-        _run_worker(cfg, pricebook, reuse_port=False)
+        _run_worker(cfg, pricebook, sock)
         return 0
-    return _supervise(cfg, pricebook, args.workers)
+    return _supervise(cfg, pricebook, args.workers, sock)
 
 
-def _run_worker(cfg: config_mod.Config, pricebook: object | None, reuse_port: bool) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on host:port, so that a taken port fails before anything claims to be listening.
+
+    One socket, created here and inherited by every worker: no SO_REUSEPORT, so no other process
+    (a second proxy started by mistake) can bind the port too and silently take part of the traffic.
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    usable = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not usable:
+        raise OSError(errno.EAFNOSUPPORT, "no IPv4 or IPv6 address")
+    family, kind, proto, _, address = usable[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":  # restart at once over old connections in TIME_WAIT; never admits a second listener
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it: "::" is IPv6 only
+        sock.bind(address)
+        sock.listen(1024)  # aiohttp's 128 makes a burst of agents' connections wait for SYN retries
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _host_port(host: str, port: int) -> str:
+    shown = host or "0.0.0.0"  # an empty host binds the IPv4 wildcard (the first getaddrinfo answer)
+    return f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line saying why host:port cannot be listened on and what to change."""
+    if isinstance(exc, socket.gaierror):
+        why = f"cannot resolve the host ({exc.strerror}; use --host)"
+    elif exc.errno == errno.EADDRINUSE:
+        why = "address already in use (is another proxy running? use --port)"
+    elif exc.errno == errno.EACCES and 0 < port < 1024:
+        why = "permission denied (ports below 1024 need privileges; use --port)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = f"cannot assign requested address (is {host} an address of this machine? use --host)"
+    else:
+        text = exc.strerror or str(exc)
+        why = text[:1].lower() + text[1:]
+    return f"cannot listen on {_host_port(host, port)}: {why}"
+
+
+def _start_line(cfg: config_mod.Config, workers: int) -> str:
+    """The one line serve prints: where it listens, forwards and records, and how to point a client at it.
+
+    The host is shown as given (0.0.0.0 included): the line says what was bound, not a guess at which
+    of the machine's addresses a client should use.
+    """
+    base = f"http://{_host_port(cfg.host, cfg.port)}"
+    upstreams = ", ".join(f"{u.name}={config_mod.redact_url(u.base_url)}" for u in cfg.upstreams)
+    procs = f" ({workers} workers)" if workers > 1 else ""
+    return (
+        f"metering-proxy listening on {base}/v1{procs} -> forwarding to {upstreams};"
+        f" records in {cfg.runs_dir.resolve()}/<run-id>.jsonl; dashboard {base}/ui;"
+        f" use it with OPENAI_BASE_URL={base}/v1"
+    )
+
+
+def _run_worker(cfg: config_mod.Config, pricebook: object | None, sock: socket.socket) -> None:
     from aiohttp import web
 
     from proxy.app import make_app
@@ -109,19 +204,16 @@ def _run_worker(cfg: config_mod.Config, pricebook: object | None, reuse_port: bo
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    _use_event_loop(cfg.event_loop)
     app = make_app(cfg, pricebook)
     app.on_shutdown.append(_hold_further_signals)
     web.run_app(
         app,
-        host=cfg.host,
-        port=cfg.port,
+        sock=sock,
         print=None,
         access_log=None,
         shutdown_timeout=cfg.shutdown_grace_s,
         handler_cancellation=True,
-        reuse_port=reuse_port,
-        backlog=1024,  # aiohttp's 128 makes a burst of agents' connections wait for SYN retries
+        backlog=1024,  # asyncio calls listen() again on a given socket, with this backlog
         max_field_size=cfg.max_header_bytes,
         max_line_size=cfg.max_header_bytes,
     )
@@ -174,9 +266,8 @@ def _use_event_loop(choice: str) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _supervise(cfg: config_mod.Config, pricebook: object | None, n: int) -> int:
-    """Fork n workers sharing the port; pass SIGINT/SIGTERM on to them once; wait for all."""
-    import os
+def _supervise(cfg: config_mod.Config, pricebook: object | None, n: int, sock: socket.socket) -> int:
+    """Fork n workers serving the one listening socket; pass SIGINT/SIGTERM on to them once; wait for all."""
     import signal
 
     children: list[int] = []
@@ -190,12 +281,15 @@ def _supervise(cfg: config_mod.Config, pricebook: object | None, n: int) -> int:
                 os._exit(0)
             code = 0
             try:
-                _run_worker(cfg, pricebook, reuse_port=True)
+                _run_worker(cfg, pricebook, sock)
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
                 logging.getLogger("metering_proxy").exception("worker crashed")
                 code = 1
             os._exit(code)
         children.append(pid)
+    # The workers hold the socket now. A copy kept open here would keep the port accepting after the
+    # workers closed theirs to drain: connections queued in the kernel that no process will ever serve.
+    sock.close()
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

@@ -144,11 +144,44 @@ def _check_keys(raw: dict[str, Any], allowed: set[str], path: str) -> None:
             raise _fail(f"{path}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
+def check_port(value: Any, key: str) -> int:
+    """Return value when it is a port to listen on (0: the OS picks a free one); else fail naming key."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise _fail(key, f"must be a port from 1 to 65535, or 0 for any free port (got {value!r})")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """url with its userinfo (user:password@) shown as ***@, for start lines and error messages.
+
+    Done by hand rather than with urlsplit, which raises on some of the very URLs an error message
+    must show; masking a little too much of a malformed URL is the safe side.
+    """
+    head, sep, rest = url.partition("//")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    return f"{head}//***@{authority.rpartition('@')[2]}{rest[end:]}"
+
+
 def normalise_base_url(url: str, key: str) -> str:
-    """Return url without a trailing slash, or fail naming key when it is not http(s)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _fail(key, f"must be an http(s) URL such as http://127.0.0.1:11434/v1 (got {url!r})")
+    """Return url without a trailing slash, or fail naming key unless it is http(s) with a host and a valid port."""
+    shown = redact_url(url)
+    example = "an http(s) URL such as http://127.0.0.1:11434/v1"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number or is out of range
+    except ValueError as exc:
+        raise _fail(key, f"must be {example} ({exc}; got {shown!r})") from None
+    if parts.scheme not in ("http", "https"):
+        raise _fail(key, f"must be {example} (got {shown!r})")
+    if not parts.hostname:
+        raise _fail(key, f"must be {example}, with a host (got {shown!r})")
+    if port == 0:  # parses, but nothing can be reached on port 0: every call would fail at connect
+        raise _fail(key, f"must be {example}, with a port from 1 to 65535 (got {shown!r})")
     return url.rstrip("/")
 
 
@@ -303,7 +336,7 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
     resolve = (lambda p: (base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p))  # noqa: E731
     return Config(
         host=_str(raw, "host", "", d.host) or d.host,
-        port=_num(raw, "port", "", d.port, integer=True),
+        port=check_port(raw.get("port", d.port), "port"),
         runs_dir=Path(runs_dir or d.runs_dir),
         default_run_id=run_id or d.default_run_id,
         upstreams=upstreams,
@@ -352,7 +385,7 @@ def with_overrides(
     if host is not None:
         changes["host"] = host
     if port is not None:
-        changes["port"] = port
+        changes["port"] = check_port(port, "--port")
     if runs_dir is not None:
         changes["runs_dir"] = Path(runs_dir)
     if upstream is not None:

@@ -27,6 +27,11 @@ def test_overrides() -> None:
     ("yaml_text", "key"),
     [
         ("port: eighty", "port"),
+        ("port: 70000", "port"),
+        ("port: -1", "port"),
+        ("port: true", "port"),
+        ("upstreams: [{name: a, base_url: 'http://:80/v1'}]", "upstreams[0].base_url"),
+        ("upstreams: [{name: a, base_url: 'http://x:99999/v1'}]", "upstreams[0].base_url"),
         ("bogus: 1", "bogus"),
         ("upstreams: [{name: a}]", "upstreams[0].base_url"),
         ("upstreams: [{name: a, base_url: 'ftp://x'}]", "upstreams[0].base_url"),
@@ -56,6 +61,46 @@ def test_invalid_config_exits_2_naming_key(tmp_path: Path, capsys: pytest.Captur
     assert main(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{key}:" in err
+
+
+def test_port_0_means_any_free_port() -> None:
+    assert C.from_mapping({"port": 0}).port == 0
+    assert C.with_overrides(C.Config(), port=0).port == 0
+    with pytest.raises(C.ConfigError, match="--port: must be a port from 1 to 65535"):
+        C.with_overrides(C.Config(), port=65536)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nosuch", "ftp://x/v1", "http://:80/v1", "http:///v1", "http://x:99999/v1", "http://x:abc/v1",
+        "http://x:0/v1", "http://[::1/v1", "http://user:SECRET@:80/v1", "http://user:SECRET@x:99999/v1",
+    ],
+)  # fmt: skip
+def test_bad_upstream_urls_fail_naming_the_key_and_never_show_a_password(url: str) -> None:
+    with pytest.raises(C.ConfigError) as caught:
+        C.with_overrides(C.Config(), upstream=url)
+    message = str(caught.value)
+    assert message.startswith("config: --upstream: ") and "SECRET" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        ("http://127.0.0.1:11434/v1/", "http://127.0.0.1:11434/v1"),
+        ("https://[::1]:8443/v1", "https://[::1]:8443/v1"),
+        ("HTTPS://api.example.com/v1", "HTTPS://api.example.com/v1"),
+    ],
+)
+def test_good_upstream_urls(url: str, want: str) -> None:
+    assert C.normalise_base_url(url, "k") == want
+
+
+def test_redact_url() -> None:
+    assert C.redact_url("http://user:PASS@h:8080/v1?q=a@b") == "http://***@h:8080/v1?q=a@b"
+    assert C.redact_url("https://token@h/v1") == "https://***@h/v1"
+    assert C.redact_url("http://h/v1/u@x") == "http://h/v1/u@x"
+    assert C.redact_url("nosuch") == "nosuch"
 
 
 def test_unreadable_and_bad_yaml(tmp_path: Path) -> None:
