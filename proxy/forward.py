@@ -148,6 +148,9 @@ class Forwarder:
         self.router = Router(cfg.upstreams)
         self.shutting_down = False
         self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
+        self._local = {u.name: providers.is_local(u.base_url) for u in cfg.upstreams}
+        self._learned: dict[str, str] = {}
+        """Providers told by an upstream's responses (its URL said nothing): they hold for all its endpoints."""
         # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
         self._auth = {
             u.name: (("x-api-key", os.environ[u.api_key_env]) if self._url_provider[u.name] == "anthropic"
@@ -480,9 +483,14 @@ class Forwarder:
         # Under 1 ms of generation time the rate says nothing but "the upstream sent it all at once".
         tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window >= 1 else None
         provider = call.provider
-        if call.up is not None and provider is None:
-            provider = providers.from_response(call.up.headers, meter.provider_hint, meter.usage_raw)
         upstream_name = call.upstream.name if call.upstream else None
+        if provider is None and upstream_name is not None:
+            provider = self._learned.get(upstream_name)
+            if provider is None and call.up is not None:
+                provider = providers.from_response(call.up.headers, meter.provider_hint, meter.usage_raw,
+                                                   local=self._local[upstream_name])  # fmt: skip
+                if provider is not None:
+                    self._learned[upstream_name] = provider
         cost = None
         if self.pricebook is not None and source != "none":
             cost = self.pricebook.price(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,10 +39,35 @@ def from_url(base_url: str) -> str | None:
     return _PORTS.get(port) if port is not None else None
 
 
-def from_response(headers: Mapping[str, str], hint: str | None, usage_raw: dict[str, Any] | None) -> str | None:
-    """Guess the provider from what a response carried, or None."""
-    if hint:
+#: Servers that run on the user's own machines; their own signals are the only ones a local host can send.
+LOCAL_SERVERS = frozenset({"ollama", "llamacpp", "lmstudio", "jan", "vllm"})
+
+
+def is_local(base_url: str) -> bool:
+    """Whether an upstream runs on this machine or a private network (so it is no cloud API)."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal", ".lan")) or "." not in host:
+        return True  # a bare name (a container or compose service) is a local server too
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_private or addr.is_link_local
+
+
+def from_response(
+    headers: Mapping[str, str], hint: str | None, usage_raw: dict[str, Any] | None, local: bool = False
+) -> str | None:
+    """Guess the provider from what a response carried, or None.
+
+    A local server's answer proves nothing about cloud providers: llama-cpp-python sends OpenAI's
+    openai-processing-ms header, and any server can relay another's usage fields. For a local host
+    only the local servers' own body signals (llama.cpp timings, Ollama's fields) count.
+    """
+    if hint and (not local or hint in LOCAL_SERVERS):
         return hint
+    if local:
+        return None
     if "openai-processing-ms" in headers or "openai-organization" in headers:
         return "openai"
     if "anthropic-ratelimit-requests-limit" in headers or "anthropic-organization-id" in headers:

@@ -216,7 +216,9 @@ def server_timing(body: dict[str, Any]) -> dict[str, float] | None:
         _put(out, "generation_ms", timings.get("predicted_ms"), 1.0)
         if "prompt_ms" in out and "generation_ms" in out:
             out["total_ms"] = round(out["prompt_ms"] + out["generation_ms"], 3)
-        _put(out, "cached_prompt_tokens", timings.get("cache_n"), 1.0)
+        _count(out, "cached_prompt_tokens", timings.get("cache_n"))
+        _count(out, "prompt_tokens", timings.get("prompt_n"))  # prompt tokens evaluated (not from cache)
+        _count(out, "generation_tokens", timings.get("predicted_n"))
         _put(out, "generation_tokens_per_second", timings.get("predicted_per_second"), 1.0)
     groq = _dict(_dict(body.get("x_groq")).get("usage")) or _dict(body.get("usage"))
     if "queue_time" in groq or "total_time" in groq:  # Groq, seconds
@@ -235,6 +237,14 @@ def server_timing(body: dict[str, Any]) -> dict[str, float] | None:
         _put(out, "generation_ms", stats.get("generation_time"), 1000.0)
         _put(out, "generation_tokens_per_second", stats.get("tokens_per_second"), 1.0)
     return out or None
+
+
+def _count(out: dict[str, float], key: str, value: Any) -> None:
+    """A token count: kept an integer (a float that is a whole number becomes one)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        out[key] = value
 
 
 def _put(out: dict[str, float], key: str, value: Any, scale: float) -> None:

@@ -90,6 +90,7 @@ class FakeUpstream:
     X-Fake-Cut: <n> with a stream fixture: replay its first n bytes, then drop the connection.
     'garbage': the normal answer with GARBAGE_EVENTS interleaved; 'garbage-only': a stream of just those.
     'big:<n>': an answer with about n bytes of content (a JSON body, or 4 KiB deltas when streaming).
+    X-Fake-Header: name=value adds that header to the answer (repeatable).
     'mistral': like Mistral's API, a 422 extra_forbidden for any stream_options, else usage on the last
     chunk unasked (the mistral/chat_stream fixture); 'strict': the 422 too, else the normal answer.
     ``sent`` keeps the bytes of every stream sent, in order. Every answer carries X-Fake-Upstream: 1.
@@ -118,6 +119,9 @@ class FakeUpstream:
     async def _mark(request: web.Request, response: web.StreamResponse) -> None:
         """Sign every answer, errors included, so a test can tell the upstream's 5xx from the proxy's."""
         response.headers["X-Fake-Upstream"] = "1"
+        for item in request.headers.getall("X-Fake-Header", ()):  # name=value: a header to answer with
+            name, _, value = item.partition("=")
+            response.headers[name] = value
         if "x-request-id" not in response.headers:  # like OpenAI's, on every answer, errors included
             response.headers["x-request-id"] = "req_up_" + request.headers.get("X-Fake-Request-Id", "1")
 

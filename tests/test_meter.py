@@ -52,6 +52,8 @@ def check(meter: Meter, expected: dict[str, Any], where: str = "") -> None:
         assert meter.server_timing is not None, where
         assert set(meter.server_timing) == set(expected["server_timing"]), where
         assert meter.server_timing == pytest.approx(expected["server_timing"]), where
+        for key, value in meter.server_timing.items():  # counts stay integers (64, not 64.0)
+            assert isinstance(value, int) is isinstance(expected["server_timing"][key], int), (where, key, value)
 
 
 def events_of(data: bytes) -> list[Event]:

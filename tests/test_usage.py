@@ -420,8 +420,13 @@ TIMING_CASES = [
         {"timings": {"prompt_n": 24, "prompt_ms": 52.318, "prompt_per_token_ms": 2.18, "predicted_n": 48,
                      "predicted_ms": 1402.775, "predicted_per_second": 34.21789, "cache_n": 96}},
         {"prompt_ms": 52.318, "generation_ms": 1402.775, "total_ms": 1455.093, "cached_prompt_tokens": 96,
-         "generation_tokens_per_second": 34.218},
+         "prompt_tokens": 24, "generation_tokens": 48, "generation_tokens_per_second": 34.218},
         id="llamacpp",
+    ),
+    pytest.param(
+        {"timings": {"prompt_n": 24.0, "predicted_n": 48, "cache_n": 64.0}},
+        {"cached_prompt_tokens": 64, "prompt_tokens": 24, "generation_tokens": 48},
+        id="llamacpp-float-counts",
     ),
     pytest.param(
         {"timings": {"prompt_ms": 10.5}},
@@ -474,6 +479,7 @@ def test_server_timing(body: dict[str, Any], expected: dict[str, float] | None) 
     else:
         assert got == pytest.approx(expected)
         assert set(got) == set(expected)
+        assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
 
 
 # -- nothing raises on anything ---------------------------------------------------------------
