@@ -10,10 +10,14 @@ import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import access
 from proxy import config as config_mod
 from proxy.config import ConfigError
+
+if TYPE_CHECKING:
+    from proxy.pricing import PriceBook
 
 
 def version() -> str:
@@ -101,14 +105,15 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
     return cfg
 
 
-def _pricebook(cfg: config_mod.Config) -> object | None:
-    try:
-        from proxy.pricing import PriceBook
-    except ImportError:  # pricing not built yet
-        return None
+def _pricebook(cfg: config_mod.Config) -> PriceBook:
+    """The price table for serve and `prices lookup`; an unreadable one is a ConfigError (one line, exit 2)."""
+    from proxy.pricing import PriceBook
+
     try:
         return PriceBook.load(cfg.prices_file, cfg.custom_prices)
     except ValueError as exc:
+        if cfg.prices_file is None:  # the bundled (or cached) table: not something the config said
+            raise ConfigError(str(exc)) from None
         raise ConfigError(f"config: prices.file: {exc}") from None
 
 
@@ -315,7 +320,7 @@ def _prices(args: argparse.Namespace) -> int:
         print(message)
         return 0 if ok else 1
     cfg = config_mod.load(args.config)
-    book = pricing.PriceBook.load(cfg.prices_file, cfg.custom_prices)
+    book = _pricebook(cfg)
     provider = None
     for u in cfg.upstreams:
         if u.name == args.upstream:

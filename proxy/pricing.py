@@ -21,7 +21,8 @@ from proxy.usage import Usage
 
 log = logging.getLogger("metering_proxy.pricing")
 
-BUNDLED_PRICES: Path = Path(__file__).resolve().parents[1] / "config" / "model_prices.json"
+# Package data, so an installed wheel has it too (config/ beside the package exists only in a source tree).
+BUNDLED_PRICES: Path = Path(__file__).resolve().parent / "data" / "model_prices.json"
 DEFAULT_PRICES_URL: str = (
     "https://raw.githubusercontent.com/BerriAI/litellm/main/model_prices_and_context_window.json"
 )

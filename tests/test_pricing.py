@@ -1,6 +1,6 @@
 """Pricing: matching, the per-wire-format cost formula, custom prices, table loading and updates.
 
-Expected costs are worked out by hand from the bundled config/model_prices.json (USD per token);
+Expected costs are worked out by hand from the bundled proxy/data/model_prices.json (USD per token);
 each case's comment shows the arithmetic with the rates read from that key.
 """
 
