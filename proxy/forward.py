@@ -257,8 +257,6 @@ class Forwarder:
         call = Call(request.match_info["tail"], request.method)
         call.status = exc.status
         err = call.fail(exc.category, exc.message)
-        log.warning("call refused: error_id=%s category=%s status=%s request_id=%s: %s",
-                    err.id, err.category, exc.status, call.request_id, err.detail)  # fmt: skip
         self._record(call)
         return errors.render(exc, err.id, call.request_id)
 
@@ -270,8 +268,6 @@ class Forwarder:
         except ProxyError as exc:
             call.status = exc.status
             err = call.fail(exc.category, exc.message)
-            log.warning("call failed: error_id=%s category=%s status=%s request_id=%s: %s",
-                        err.id, err.category, exc.status, call.request_id, err.detail)  # fmt: skip
             resp = errors.render(exc, err.id, call.request_id)
             resp.headers.update(call.extra_headers)
             return resp
@@ -539,6 +535,12 @@ class Forwarder:
             service_tier=usage.service_tier,
         )
         self.sink.write(call.run_id, record.to_json())
+        if call.error is not None:
+            # One line per failed call, so every X-Meter-Error-Id can be found; the detail stays in the
+            # record (it may quote the upstream), the log gets only what the proxy itself decided.
+            log.warning("call failed: category=%s error_id=%s run_id=%s status=%s upstream=%s request_id=%s",
+                        call.error.category, call.error.id, call.run_id, call.status, upstream_name,
+                        call.request_id)  # fmt: skip
         for observe in self.observers:
             try:
                 observe(record)

@@ -314,7 +314,7 @@ async def test_no_secret_or_prompt_in_logs_or_records(make_proxy: ProxyFactory, 
     # The proxy's log: everything but the test's own client (the openai SDK logs its requests at DEBUG).
     client_side = ("openai", "httpx", "httpcore")
     blobs["log"] = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(client_side))
-    assert "call failed" in blobs["log"] and "call refused" in blobs["log"]  # the failures were logged
+    assert blobs["log"].count("call failed: ") >= 2  # the failures (the refusal included) were logged
     assert "aiohttp.access" in {r.name for r in caplog.records}  # and the server's access log was captured
     for secret in (API_KEY, KEY, WRONG, ADMIN, "PROMPT-zebra", "secret plan"):
         for name, text in blobs.items():

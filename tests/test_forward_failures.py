@@ -843,3 +843,48 @@ async def test_runs_dir_lost_after_start(
     assert sorted(r["success"] for r in recs) == [False, True]
     [refused] = [r for r in recs if not r["success"]]
     check_error(refused, "recording_unavailable", info.value.response.headers["x-meter-error-id"])
+
+
+# -- the operator's log ------------------------------------------------------------------------
+
+
+async def test_every_failed_call_has_one_log_line(
+    proxy: ProxyUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator handed an X-Meter-Error-Id (or a record's error.id) finds it in the log, once."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="metering_proxy")
+    assert proxy.server.port is not None
+    async with aiohttp.ClientSession() as s:
+        for fake in ("status:429", "status:500:html", "cut", "cutbody", ""):
+            body = {"model": "gpt-4o-mini", "messages": MSG, "stream": fake == "cut"}
+            async with s.post(proxy.url("/v1/chat/completions"), json=body,
+                              headers={"X-Run-Id": "logged", "X-Fake": fake}) as r:  # fmt: skip
+                await r.read()
+        async with s.post(proxy.url("/v1/chat/completions"), data=b"{",
+                          headers={"X-Run-Id": "logged", "Content-Type": "application/json"}) as r:  # fmt: skip
+            assert r.status == 400
+    # A client that leaves mid-stream.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"X-Run-Id: logged\r\nX-Fake-Delay: 0.2\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await reader.read(100)
+    writer.close()
+    recs = await proxy.wait_records("logged", 7)
+    await asyncio.sleep(0.3)
+    recs = await proxy.records("logged")
+    failed = [r for r in recs if r["error"] is not None]
+    categories = {r["error"]["category"] for r in failed}
+    assert categories == {"rate_limit", "server_error", "stream_interrupted", "connection_error", "invalid_json",
+                          "client_aborted"}, categories
+    assert len(failed) == 6 and len(recs) == 7
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for rec in failed:
+        err = rec["error"]
+        mine = [line for line in lines if err["id"] in line]
+        assert len(mine) == 1, (err, lines)
+        assert f"category={err['category']}" in mine[0] and "run_id=logged" in mine[0]
+        assert f"status={rec['status']}" in mine[0] and f"upstream={rec['upstream']}" in mine[0]
+        assert KEY not in mine[0] and "Say hello" not in mine[0]
