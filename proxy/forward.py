@@ -222,7 +222,9 @@ class Forwarder:
         if upstream.name in self._no_stream_options:
             # The server refuses the field, even when the client sent it; such servers (Mistral) put
             # usage on their last chunk unasked, so the client still gets it.
-            return orjson.dumps({k: v for k, v in obj.items() if k != "stream_options"}) if options is not None else body
+            if options is None:
+                return body
+            return orjson.dumps({k: v for k, v in obj.items() if k != "stream_options"})
         if not upstream.inject_stream_usage or (isinstance(options, dict) and options.get("include_usage") is True):
             return body
         # Ask for usage upstream; the meter hides the extra chunk from this client.
@@ -354,8 +356,8 @@ class Forwarder:
         if usage_stream:
             body = self._stream_options(call, upstream, obj, original)
         url = self._url(upstream, call.endpoint, request.query_string)
-        headers = self._upstream_headers(request, upstream)
-        up = await self._send(request.method, url, body, headers)
+        up_headers = self._upstream_headers(request, upstream)
+        up = await self._send(request.method, url, body, up_headers)
         if usage_stream and (body is not original or "stream_options" in obj):
             if await _rejects_stream_options(up):
                 # Some servers refuse the field outright (Mistral: 422 extra_forbidden); the call must not
@@ -367,7 +369,7 @@ class Forwarder:
                                 " from now on; their usage comes from the stream itself or is estimated",
                                 upstream.name, up.status)  # fmt: skip
                 body = self._stream_options(call, upstream, obj, original)
-                up = await self._send(request.method, url, body, headers)
+                up = await self._send(request.method, url, body, up_headers)
         call.up = up
         call.ttfb = perf_counter()
         call.status = up.status

@@ -273,7 +273,8 @@ async def test_mistral_streams_with_and_without_the_client_asking_for_usage(
     opts: dict[str, Any] = {"stream_options": {"include_usage": True}} if asks else {}
     stream = await c.chat.completions.create(model="mistral-small-latest", messages=HI, stream=True, **opts)
     chunks = [ch async for ch in stream]
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Bonjour ! Comment puis-je vous aider ?"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == "Bonjour ! Comment puis-je vous aider ?"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 15  # Mistral's own, unasked
     [rec] = await proxy.wait_records("mistral", 1)
     assert rec["success"] is True and rec["usage_source"] == "upstream" and rec["output_tokens"] == 15
