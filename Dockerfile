@@ -1,16 +1,27 @@
 FROM python:3.12-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-WORKDIR /app
-COPY pyproject.toml README.md ./
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+
+# The dependencies get their own layer, keyed on pyproject.toml alone: a change to the source or the
+# README then rebuilds only the small layer below, not aiohttp, uvloop and the rest.
+COPY pyproject.toml ./
+RUN python -c "import sys, tomllib; sys.stdout.writelines(d + '\n' for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'])" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# A regular install, as a user gets it from the wheel: the price table travels as package data, and the
+# source copy is removed so nothing can import it instead of the installed package.
+COPY README.md ./
 COPY proxy ./proxy
-COPY config ./config
-# Editable install keeps config/ (the bundled price table) beside the package.
-RUN pip install --no-cache-dir -e . \
+RUN pip install --no-cache-dir --no-deps . \
+    && rm -rf /src \
     && useradd --create-home --uid 10001 meter \
     && mkdir -p /runs && chown meter:meter /runs
 
 USER meter
+WORKDIR /home/meter
 VOLUME ["/runs"]
 EXPOSE 8787
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
