@@ -34,7 +34,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.config import BudgetRule, Budgets
 from proxy.meter import estimate_input_tokens
-from proxy.records import JsonlSink, Record
+from proxy.records import JsonlSink, Record, open_run_file
 from proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def _read_totals(path: Path, seen: set[str]) -> tuple[int, int]:
     """Sum cost (units) and tokens of a run file's records, skipping torn lines and ids in seen."""
     usd = tokens = 0
     try:
-        f = path.open("rb")
+        f = open_run_file(path)  # never through a link planted in the runs dir (UnsafeRunFile, an OSError)
     except FileNotFoundError:
         return 0, 0
     with f:

@@ -8,13 +8,16 @@ the disk. A record is therefore on disk at most ``flush_interval`` after its cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -23,6 +26,63 @@ log = logging.getLogger("metering_proxy.records")
 #: Records held in memory while the runs dir cannot be written, before the oldest are dropped.
 MAX_PENDING = 100_000
 REJECTED_FILE = ".rejected"  # not a valid run id (leading '.'), so it can never collide with one
+#: Never followed when a run file is opened: a link planted in the runs dir must not make the proxy write
+#: (or create, or read) a file elsewhere. O_NONBLOCK keeps a FIFO planted there from blocking the open.
+_RUN_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafeRunFile(OSError):
+    """A run file name that is a symlink, a FIFO, a directory...: anything but a regular file is refused.
+
+    Its errno is ELOOP, what an O_NOFOLLOW open of a link fails with, whatever the name turned out to be.
+    """
+
+    def __init__(self, path: Path | str, verb: str) -> None:
+        super().__init__(errno.ELOOP, f"is a symlink (or not a regular file): refusing to {verb} through it", str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename} {self.strerror}"
+
+
+def _lstat_mode(name: str | Path, dir_fd: int | None) -> int | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError:
+        return None  # nothing there (or not even that can be looked at): the open's own error says more
+
+
+def open_run_fd(name: str | Path, flags: int, shown: Path, verb: str, dir_fd: int | None = None) -> int:
+    """Open a run file (name, relative to dir_fd if given) without following a symlink; return its fd.
+
+    Raises UnsafeRunFile (shown as the file's path) unless it is a regular file, or the OSError of the open.
+    """
+    try:
+        fd = os.open(name, flags | _RUN_FILE_FLAGS, 0o644, dir_fd=dir_fd)
+    except OSError:
+        # The errno for "that was a link" differs between systems (ELOOP, EMLINK; EISDIR for a directory):
+        # look at what the name is instead, so a real failure (EACCES, ENOSPC...) still reads as one.
+        mode = _lstat_mode(name, dir_fd)
+        if mode is not None and not stat.S_ISREG(mode):
+            raise UnsafeRunFile(shown, verb) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeRunFile(shown, verb)
+        os.set_blocking(fd, True)  # O_NONBLOCK was for the open only; some filesystems honour it on I/O
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_run_file(path: Path) -> BinaryIO:
+    """Open a run file for reading, the one way the /runs API, report and budgets' replay open them.
+
+    path's last component is never followed (the caller builds it as runs_dir / f"{valid run id}.jsonl",
+    so it names a file directly in the runs dir). FileNotFoundError when there is none, UnsafeRunFile
+    when it is anything but a regular file.
+    """
+    return os.fdopen(open_run_fd(path, os.O_RDONLY, path, "read"), "rb")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +182,9 @@ class JsonlSink:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._flush_lock = asyncio.Lock()
+        self._dir_fd: int | None = None
+        # Written from the flusher's worker thread, read on the loop: single set operations, atomic under the GIL.
+        self._blocked: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -131,6 +194,11 @@ class JsonlSink:
     def path_for(self, run_id: str) -> Path:
         """Return the JSONL file of a run (run ids are validated before they get here)."""
         return self.runs_dir / f"{run_id}.jsonl"
+
+    def run_blocked(self, run_id: str | None) -> bool:
+        """Whether the run's file was refused (a symlink, FIFO...) and not written since: its calls are not
+        recorded. A set lookup, cheap enough for every call."""
+        return (run_id or REJECTED_FILE) in self._blocked
 
     def write(self, run_id: str | None, line: bytes) -> None:
         """Queue one record line for its run's file; never blocks."""
@@ -147,20 +215,46 @@ class JsonlSink:
                 self._count -= 1
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
-                    log.error("records: runs dir unwritable; %d record(s) dropped so far", self.dropped)
+                    log.error("records: records cannot be written; %d record(s) dropped so far", self.dropped)
                 return
+
+    def _dir(self) -> int:
+        """The runs dir's fd, opened once; opened again (and the dir created) when it went missing or was
+        replaced, so records never go on into a directory that was moved aside or deleted."""
+        try:
+            st = os.stat(self.runs_dir)
+        except FileNotFoundError:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            st = os.stat(self.runs_dir)
+        if self._dir_fd is not None:
+            held = os.fstat(self._dir_fd)
+            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino) and held.st_nlink:
+                return self._dir_fd
+            self._close_dir()
+        self._dir_fd = os.open(self.runs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._dir_fd
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def check_writable(self) -> bool:
         """Create the runs dir if needed and probe that it can be written; update health."""
         try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.runs_dir / f".probe-{os.getpid()}"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            dir_fd = self._dir()
+            probe = f".probe-{os.getpid()}"
+            # Our own name, yet something may be planted under it: remove it, then create a new file (O_EXCL),
+            # never truncating or writing through a link.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe, dir_fd=dir_fd)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _RUN_FILE_FLAGS, 0o644, dir_fd=dir_fd)
             try:
                 os.write(fd, b"\n")
             finally:
                 os.close(fd)
-                os.unlink(probe)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(probe, dir_fd=dir_fd)
         except OSError as exc:
             self._set_unhealthy(f"{self.runs_dir}: {exc.strerror or exc}")
             return False
@@ -191,6 +285,7 @@ class JsonlSink:
         if self._task is not None:
             await self._task
         await self.flush()
+        self._close_dir()
 
     async def _run(self) -> None:
         while not self._closing:
@@ -231,16 +326,32 @@ class JsonlSink:
         """Append each run's lines with one write; return what could not be written."""
         failed: dict[str, list[bytes]] = {}
         error: str | None = None
+        try:
+            self._dir()
+        except OSError as exc:
+            error = f"{self.runs_dir}: {exc.strerror or exc}"
         for key, lines in batch.items():
             if error is not None:
                 failed[key] = lines
                 continue
             try:
                 self._append(key, b"".join(lines))
-                self.written += len(lines)
+            except UnsafeRunFile as exc:
+                # Only this run cannot be recorded: its records are held like any unwritten ones, the other
+                # runs' are written and health is left alone. Logged once, not on every retry.
+                failed[key] = lines
+                if key not in self._blocked:
+                    self._blocked.add(key)
+                    log.error("records: %s", exc)
+                continue
             except OSError as exc:
                 error = f"{self.path_for(key)}: {exc.strerror or exc}"
                 failed[key] = lines
+                continue
+            self.written += len(lines)
+            if key in self._blocked:
+                self._blocked.discard(key)
+                log.warning("records: %s is a regular file now; recording of its run resumed", self.path_for(key))
         if error is not None:
             self._set_unhealthy(error)
         else:
@@ -248,12 +359,15 @@ class JsonlSink:
         return failed
 
     def _append(self, key: str, data: bytes) -> None:
-        path = self.path_for(key)
+        path, name = self.path_for(key), f"{key}.jsonl"
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+        dir_fd = self._dir_fd if self._dir_fd is not None else self._dir()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = open_run_fd(name, flags, path, "write", dir_fd=dir_fd)
         except FileNotFoundError:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            # The runs dir was removed since the batch began (creating a file in it fails): make and open it anew.
+            self._close_dir()
+            fd = open_run_fd(name, flags, path, "write", dir_fd=self._dir())
         try:
             # Workers share run files: the lock makes "check the tail, then append" one step for them
             # (a reader never waits; it is held for one write per file per batch).

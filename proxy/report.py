@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import stat
 from array import array
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from proxy.config import RUN_ID_RE
+from proxy.records import UnsafeRunFile, open_run_file
 
 SCHEMA = "metering-proxy.report/1"
 BY_FIELDS = ("model", "task", "upstream")
@@ -34,7 +36,10 @@ VIEW_FIELDS = ("ts", "request_id", "model", "requested_model", "task", "status",
 
 
 class RunNotFound(LookupError):
-    """No runs/<run_id>.jsonl file exists (or the id is not a valid run id)."""
+    """No runs/<run_id>.jsonl file exists (or the id is not a valid run id).
+
+    A name that is there but is no regular file (a symlink, a FIFO...) raises UnsafeRunFile instead.
+    """
 
 
 class Call(NamedTuple):
@@ -298,29 +303,45 @@ class LineReader:
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield (line number, line, ends with newline) from a file, streaming."""
-    with open(path, "rb") as f:
+    """Yield (line number, line, ends with newline) from a run file, streaming (UnsafeRunFile for a link)."""
+    with open_run_file(path) as f:
         for lineno, line in enumerate(f, 1):
             yield lineno, line, line.endswith(b"\n")
 
 
 def run_path(runs_dir: Path, run_id: str) -> Path:
-    """Return the file of a run; RunNotFound for an invalid id (no path tricks) or a missing file."""
+    """Return the file of a run; RunNotFound for an invalid id (no path tricks) or a missing file,
+    UnsafeRunFile when the name is a symlink or anything else but a regular file."""
     if not RUN_ID_RE.fullmatch(run_id):
         raise RunNotFound(f"invalid run id {run_id[:40]!r}")
     path = runs_dir / f"{run_id}.jsonl"
-    if not path.is_file():
-        raise RunNotFound(f"no run {run_id!r} in {runs_dir}")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        raise RunNotFound(f"no run {run_id!r} in {runs_dir}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeRunFile(path, "read")
     return path
 
 
 def list_runs(runs_dir: Path) -> list[str]:
-    """Return the run ids that have a file in runs_dir, sorted."""
+    """Return the run ids that have a regular file (never a symlink) directly in runs_dir, sorted."""
+    ids = []
     try:
-        names = os.listdir(runs_dir)
+        with os.scandir(runs_dir) as entries:
+            for entry in entries:
+                run_id = entry.name[:-6]
+                if not entry.name.endswith(".jsonl") or not RUN_ID_RE.fullmatch(run_id):
+                    continue
+                try:
+                    regular = entry.is_file(follow_symlinks=False)
+                except OSError:
+                    continue  # removed meanwhile
+                if regular:
+                    ids.append(run_id)
     except OSError:
         return []
-    return sorted(n[:-6] for n in names if n.endswith(".jsonl") and RUN_ID_RE.fullmatch(n[:-6]))
+    return sorted(ids)
 
 
 class RunSummary:
@@ -360,14 +381,20 @@ class RunSummary:
         final=False (a file that may be written to right now) leaves an unterminated last line for
         the next update instead of judging it: it may be a line the writer has not finished.
         """
-        st = os.stat(self.path)
-        if st.st_ino != self.ino or st.st_size < self.offset:  # a new or truncated file: start over
-            self._reset(st.st_ino)
-        self.mtime = st.st_mtime
-        self.tail_note = None
-        if st.st_size == self.offset:
+        # lstat first: a refresh of an unchanged file (GET /runs, for every run) opens nothing.
+        st = os.lstat(self.path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeRunFile(self.path, "read")
+        if st.st_ino == self.ino and st.st_size == self.offset:
+            self.mtime = st.st_mtime
+            self.tail_note = None
             return
-        with open(self.path, "rb") as f:
+        with open_run_file(self.path) as f:
+            st = os.fstat(f.fileno())  # what was opened, should the name have been replaced since the lstat
+            if st.st_ino != self.ino or st.st_size < self.offset:  # a new or truncated file: start over
+                self._reset(st.st_ino)
+            self.mtime = st.st_mtime
+            self.tail_note = None
             f.seek(self.offset)
             for line in f:
                 terminated = line.endswith(b"\n")

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from proxy import report
+from proxy.records import UnsafeRunFile
 from proxy.report import RunNotFound
 
 NONE_KEY = "(none)"
@@ -207,7 +208,7 @@ def render_csv(doc: dict[str, Any], spec: str) -> str:
 
 
 def cli(args: argparse.Namespace) -> int:
-    """Run `metering-proxy report`; return 0, 1 (unknown run) or 2 (bad usage)."""
+    """Run `metering-proxy report`; return 0, 1 (unknown run, or a run file that is a symlink) or 2 (bad usage)."""
     try:
         spec = report.check_by(args.by)
     except ValueError as exc:
@@ -222,6 +223,7 @@ def cli(args: argparse.Namespace) -> int:
     for run_id in args.run_ids:
         try:
             path = report.run_path(runs_dir, run_id)
+            summaries.append(report.summarize(path, run_id, by, view_calls=report.VIEW_CALLS if args.html else 0))
         except RunNotFound as exc:
             known = report.list_runs(runs_dir)
             hint = (
@@ -229,7 +231,9 @@ def cli(args: argparse.Namespace) -> int:
             )
             print(f"metering-proxy report: {exc}{hint}", file=sys.stderr)
             return 1
-        summaries.append(report.summarize(path, run_id, by, view_calls=report.VIEW_CALLS if args.html else 0))
+        except UnsafeRunFile as exc:  # from run_path, or from summarize should the file be swapped meanwhile
+            print(f"metering-proxy report: {exc}", file=sys.stderr)
+            return 1
     if args.html is not None:
         from proxy import ui
 

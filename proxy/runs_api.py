@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy import errors, report, ui
 from proxy.config import RUN_ID_RE
-from proxy.records import Record
+from proxy.records import Record, UnsafeRunFile
 
 log = logging.getLogger("metering_proxy.runs")
 
@@ -111,6 +111,17 @@ class EventHub:
                 sub.end(reason)
 
 
+def _unknown(run_id: str) -> UnknownRun:
+    return UnknownRun(f"No run {run_id!r}: there is no {run_id}.jsonl in the runs dir.", param="run_id",
+                      code="run_not_found")  # fmt: skip
+
+
+def _refused(run_id: str, exc: UnsafeRunFile) -> UnknownRun:
+    """The 404 of a run whose file is a link: the client learns no more than for a missing run; the log says why."""
+    log.warning("runs: %s", exc)
+    return _unknown(run_id)
+
+
 def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
 
@@ -145,20 +156,22 @@ class RunsApi:
         self._lock = asyncio.Lock()
 
     def path(self, request: web.Request) -> tuple[str, Path]:
-        """Return the run id and file of a /runs/{run_id}... request: 400 if invalid, 404 if unknown."""
+        """Return the run id and file of a /runs/{run_id}... request: 400 if invalid, 404 if unknown.
+
+        The id is checked with the proxy's own RUN_ID_RE before it goes near the filesystem (no '/', no
+        leading '.'); a name that is a symlink or no regular file answers 404 like a missing run.
+        """
         run_id = request.match_info["run_id"]
         if not RUN_ID_RE.fullmatch(run_id):
             raise errors.InvalidRunId(
                 f"Invalid run id {run_id[:40]!r}: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-',"
                 " not starting with '.'.", param="run_id")  # fmt: skip
-        path = self.runs_dir / f"{run_id}.jsonl"
-        if not path.is_file():
-            raise UnknownRun(
-                f"No run {run_id!r}: there is no {run_id}.jsonl in the runs dir.",
-                param="run_id",
-                code="run_not_found",
-            )
-        return run_id, path
+        try:
+            return run_id, report.run_path(self.runs_dir, run_id)
+        except report.RunNotFound:
+            raise _unknown(run_id) from None
+        except UnsafeRunFile as exc:
+            raise _refused(run_id, exc) from None
 
     # -- GET /runs -------------------------------------------------------------------------
 
@@ -175,7 +188,7 @@ class RunsApi:
             try:
                 totals.update(final=False)
             except OSError:
-                continue  # removed meanwhile
+                continue  # removed, or swapped for a link, since it was listed
             out.append(totals.totals_json())
         out.sort(key=lambda r: r["modified"] or "", reverse=True)
         return out
@@ -208,7 +221,12 @@ class RunsApi:
         run_id, path = self.path(request)
         specs = _by_specs(request)
         async with self._lock:
-            body = await asyncio.to_thread(self._summary, run_id, path, specs)
+            try:
+                body = await asyncio.to_thread(self._summary, run_id, path, specs)
+            except FileNotFoundError:
+                raise _unknown(run_id) from None  # removed since path() looked
+            except UnsafeRunFile as exc:
+                raise _refused(run_id, exc) from None  # swapped for a link since path() looked
         return web.Response(body=body, content_type="application/json")
 
     # -- GET /runs/{run_id}/records --------------------------------------------------------
@@ -225,7 +243,12 @@ class RunsApi:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "X-Run-Id": run_id,
                                            "Cache-Control": "no-store"})  # fmt: skip
         try:
-            batch = await asyncio.to_thread(next_batch)
+            try:
+                batch = await asyncio.to_thread(next_batch)  # opens the file: nothing is sent before that worked
+            except FileNotFoundError:
+                raise _unknown(run_id) from None
+            except UnsafeRunFile as exc:
+                raise _refused(run_id, exc) from None
             await resp.prepare(request)
             while batch:
                 await resp.write(b"".join(batch))

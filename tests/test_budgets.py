@@ -260,3 +260,27 @@ def test_units_and_reserve() -> None:
     assert B.output_reserve({"max_output_tokens": 7}, "responses") == 7
     assert B.output_reserve({"max_tokens": True}, "chat") == B.UNCAPPED_OUTPUT_RESERVE
     assert B.output_reserve({"max_tokens": 10}, "embeddings") == 0
+
+
+async def test_resume_never_reads_through_a_planted_link(make_proxy: ProxyFactory, fake_upstream: FakeUpstream,
+                                                         tmp_path: Any) -> None:  # fmt: skip
+    """runs/linked.jsonl -> another directory's JSONL: its spend is not replayed; the run's budgeted
+    calls are refused (recording unavailable) instead of being judged on someone else's records."""
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    runs.mkdir()
+    outside.mkdir()
+    spent = outside / "spent.jsonl"
+    spent.write_bytes(orjson.dumps({"request_id": "req_x", "cost_usd": 0.75, "total_tokens": 1000}) + b"\n")
+    before = spent.read_bytes()
+    (runs / "linked.jsonl").symlink_to(spent)
+    proxy = await make_proxy(pricebook=PRICES, budgets=budgets(1.0, 2000))
+    exc = await chat(client(proxy, "linked"), max_tokens=1)
+    assert isinstance(exc, openai.InternalServerError) and exc.status_code == 503, exc
+    err = exc.response.json()["error"]
+    assert err["code"] == "recording_unavailable"
+    why = f"{runs / 'linked.jsonl'}: is a symlink (or not a regular file): refusing to read through it"
+    assert why in err["message"]
+    assert fake_upstream.requests == [] and proxy.server.app[B.BUDGETS].spend("linked") is None
+    assert spent.read_bytes() == before
+    # A run with a real file is replayed as before.
+    assert (await chat(client(proxy, "fine"), max_tokens=1)).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,70 @@ def test_html_embedding_cannot_break_out_of_the_script_tag(tmp_path: Path) -> No
     start = html.index('type="application/json">') + len('type="application/json">')
     data = orjson.loads(html[start : html.index("</script>", start)])
     assert data["calls"][0]["model"] == "</script><script>alert(1)</script>"
+
+
+# -- links in the runs dir are never followed --------------------------------------------------------
+
+LINK_REFUSED = "is a symlink (or not a regular file): refusing to read through it"
+
+
+@pytest.fixture
+def linked(runs: Path, tmp_path: Path) -> Path:
+    """runs/planted.jsonl -> a JSONL file outside the runs dir (a run that would otherwise report fine)."""
+    outside = tmp_path / "outside"
+    victim = write_run(outside, "victim", [rec("00.000", request_id="req_SECRET", model="m-secret", input_tokens=7)])
+    (runs / "planted.jsonl").symlink_to(victim)
+    return victim
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"], ["--csv"]])
+def test_cli_refuses_a_linked_run(runs: Path, linked: Path, capsys: pytest.CaptureFixture[str],
+                                  fmt: list[str]) -> None:  # fmt: skip
+    code, out, err = _cli(capsys, "planted", "--runs-dir", str(runs), *fmt)
+    assert code == 1 and out == ""
+    assert f"metering-proxy report: {runs / 'planted.jsonl'} {LINK_REFUSED}" in err
+    assert "SECRET" not in err and "m-secret" not in err
+
+
+def test_cli_refuses_a_linked_run_among_others_and_lists_no_links(
+    runs: Path, linked: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _cli(capsys, "a", "planted", "--runs-dir", str(runs))
+    assert code == 1 and out == "" and LINK_REFUSED in err
+    code, _, err = _cli(capsys, "nope", "--runs-dir", str(runs))
+    assert code == 1 and "runs there: a, b)" in err  # the link is no run
+    html = tmp_path / "planted.html"
+    code, _, err = _cli(capsys, "planted", "--runs-dir", str(runs), "--html", str(html))
+    assert code == 1 and LINK_REFUSED in err and not html.exists()
+    proc = subprocess.run([sys.executable, "-m", "proxy", "report", "planted", "--runs-dir", str(runs)],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == "" and LINK_REFUSED in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_cli_refuses_a_run_that_is_not_a_regular_file(runs: Path, kind: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    if kind == "fifo":
+        os.mkfifo(runs / "odd.jsonl")  # a plain open() for reading would wait for a writer forever
+    else:
+        (runs / "odd.jsonl").mkdir()
+    code, out, err = _cli(capsys, "odd", "--runs-dir", str(runs))
+    assert code == 1 and out == "" and LINK_REFUSED in err
+
+
+def test_readers_refuse_a_linked_file(runs: Path, linked: Path) -> None:
+    path = runs / "planted.jsonl"
+    assert report.list_runs(runs) == ["a", "b"]
+    with pytest.raises(OSError, match=r"is a symlink \(or not a regular file\)"):
+        report.run_path(runs, "planted")
+    with pytest.raises(OSError, match=r"is a symlink \(or not a regular file\)"):
+        report.summarize(path, "planted")
+    with pytest.raises(OSError, match=r"is a symlink \(or not a regular file\)"):
+        list(report.records_since(path, 0))
+    # A summary that read the file while it was regular stops at the swap.
+    summary = report.RunSummary(runs / "a.jsonl", "a")
+    summary.update(final=False)
+    (runs / "a.jsonl").rename(runs / "a.moved")
+    (runs / "a.jsonl").symlink_to(linked)
+    with pytest.raises(OSError, match=r"is a symlink \(or not a regular file\)"):
+        summary.update(final=False)

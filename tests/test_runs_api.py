@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 from yarl import URL
 
-from proxy import report, runs_api
+from proxy import config, report, runs_api
 from proxy.records import Record
 from proxy.runs_api import RUNS_API, EventHub
 from tests.conftest import ProxyUnderTest
@@ -235,3 +236,89 @@ async def test_no_path_traversal(proxy: ProxyUnderTest, tmp_path: Path, raw_path
     assert status in (400, 404), (raw_path, status)
     assert b"SECRET" not in body and b"req_" not in body
     assert set(orjson.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
+# -- links in the runs dir are never followed --------------------------------------------------------
+
+
+def _jsonl(*request_ids: str) -> bytes:
+    return b"".join(orjson.dumps({"ts": "2026-01-01T00:00:00.000Z", "request_id": r}) + b"\n" for r in request_ids)
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> dict[str, bytes]:
+    """runs/passwd.jsonl -> a passwd file, runs/peek.jsonl -> another directory's JSONL, a FIFO and a
+    directory named like run files; return the outside files' bytes by path."""
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    runs.mkdir()
+    outside.mkdir()
+    passwd = outside / "passwd"
+    passwd.write_bytes(b"root:x:0:0:root:/root:/bin/bash\nSECRET:x:1:1::/:/bin/sh\n")
+    peek = outside / "other.jsonl"
+    peek.write_bytes(_jsonl("req_SECRET_1", "req_SECRET_2"))
+    (runs / "passwd.jsonl").symlink_to(passwd)
+    (runs / "peek.jsonl").symlink_to(peek)
+    (runs / "dangling.jsonl").symlink_to(outside / "nothing.jsonl")
+    os.mkfifo(runs / "fifo.jsonl")
+    (runs / "dir.jsonl").mkdir()
+    return {str(passwd): passwd.read_bytes(), str(peek): peek.read_bytes()}
+
+
+LINKED = ("passwd", "peek", "dangling", "fifo", "dir")
+
+
+@pytest.mark.parametrize("suffix", ["", "/records", "/records?since=0&limit=5", "/events"])
+@pytest.mark.parametrize("run_id", LINKED)
+async def test_a_linked_run_is_404_like_a_missing_one(
+    planted: dict[str, bytes], proxy: ProxyUnderTest, run_id: str, suffix: str
+) -> None:
+    status, _, body = await asyncio.wait_for(get(proxy, f"/runs/{run_id}{suffix}"), 10)
+    assert status == 404, (run_id, suffix, body[:200])
+    assert orjson.loads(body)["error"]["message"] == f"No run {run_id!r}: there is no {run_id}.jsonl in the runs dir."
+    assert b"SECRET" not in body and b"root" not in body
+
+
+async def test_runs_list_and_ui_skip_links(planted: dict[str, bytes], proxy: ProxyUnderTest) -> None:
+    await client(proxy, "real").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.wait_records("real", 1)
+    status, _, body = await asyncio.wait_for(get(proxy, "/runs"), 10)
+    assert status == 200 and [r["run_id"] for r in orjson.loads(body)["runs"]] == ["real"]
+    assert b"SECRET" not in body
+    status, _, page = await get(proxy, "/ui?run=passwd")
+    assert status == 200 and b"SECRET" not in page and b"root:x" not in page
+    for path, data in planted.items():  # nothing outside the runs dir was touched
+        assert Path(path).read_bytes() == data
+    assert not (proxy.runs_dir.parent / "outside" / "nothing.jsonl").exists()
+
+
+async def test_a_file_swapped_for_a_link_after_listing_is_not_read(tmp_path: Path, proxy: ProxyUnderTest) -> None:
+    """A regular file seen by /runs once, then replaced by a link: the next read refuses it."""
+    await client(proxy, "swap").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await proxy.wait_records("swap", 1)
+    assert [r["run_id"] for r in orjson.loads((await get(proxy, "/runs"))[2])["runs"]] == ["swap"]
+    secret = tmp_path / "secret.jsonl"
+    secret.write_bytes(_jsonl("req_SECRET_1", "req_SECRET_2", "req_SECRET_3"))
+    (proxy.runs_dir / "swap.jsonl").unlink()
+    (proxy.runs_dir / "swap.jsonl").symlink_to(secret)
+    status, _, body = await get(proxy, "/runs")
+    assert status == 200 and orjson.loads(body)["runs"] == [] and b"SECRET" not in body
+    for suffix in ("", "/records"):
+        status, _, body = await get(proxy, f"/runs/swap{suffix}")
+        assert status == 404 and b"SECRET" not in body
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    ["/runs/..%2Fetc", "/runs/..%2Fetc/records", "/runs/..%2F..%2Fetc%2Fpasswd", "/runs/%2Fetc%2Fpasswd/records",
+     "/runs/outside%2Fpasswd", "/runs/..%2Foutside%2Fpasswd/events", "/runs/.%2E%2Foutside%2Fother"],
+)  # fmt: skip
+async def test_run_ids_from_urls_never_reach_the_filesystem(
+    planted: dict[str, bytes], proxy: ProxyUnderTest, raw_path: str
+) -> None:
+    status, _, body = await get(proxy, URL(proxy.url("/")).with_path(raw_path, encoded=True))
+    assert status in (400, 404), (raw_path, status)
+    assert b"SECRET" not in body and b"root:x" not in body
+
+
+def test_runs_api_uses_the_proxys_run_id_rule() -> None:
+    assert runs_api.RUN_ID_RE is config.RUN_ID_RE and report.RUN_ID_RE is config.RUN_ID_RE
