@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy import errors
+from proxy import errors, routes
 from proxy.config import Access, Config, ConfigError
-from proxy.meter import ENDPOINTS
 
 if TYPE_CHECKING:
     from proxy.forward import Forwarder
@@ -141,8 +140,8 @@ def middleware(cfg: Config, forwarder: Forwarder) -> Callable[..., Awaitable[web
         return None
 
     def refuse(request: web.Request, exc: errors.ProxyError, challenge: str = "Bearer") -> web.StreamResponse:
-        tail = request.match_info.get("tail")
-        if request.method == "POST" and tail in ENDPOINTS:
+        route = request.get(routes.ROUTE)
+        if route is not None and route.endpoint is not None:
             resp = forwarder.refuse(request, exc)  # a metered call: one record, in .rejected.jsonl
         else:
             resp = errors.render(exc, errors.new_error_id())
@@ -151,7 +150,8 @@ def middleware(cfg: Config, forwarder: Forwarder) -> Callable[..., Awaitable[web
 
     @web.middleware
     async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
+        route = request.get(routes.ROUTE)
+        path = route.canonical if route is not None else request.path
         if path.startswith(ADMIN_PREFIXES):
             if not guard_admin:
                 return await handler(request)

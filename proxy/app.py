@@ -10,10 +10,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy import access, budgets, errors, runs_api
+from proxy import access, budgets, errors, routes, runs_api
 from proxy.config import Config
-from proxy.forward import Forwarder, expect_continue, metered_endpoint
-from proxy.meter import ENDPOINTS
+from proxy.forward import Forwarder, expect_continue
 from proxy.metrics import Metrics
 from proxy.records import JsonlSink
 
@@ -23,8 +22,6 @@ CONFIG = web.AppKey("config", Config)
 SINK = web.AppKey("sink", JsonlSink)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 METRICS = web.AppKey("metrics", Metrics)
-
-_METERED = "|".join(ENDPOINTS)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,6 +58,31 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(status=200 if sink.healthy else 503, body=orjson.dumps(body), content_type="application/json")
 
 
+def route_middleware(forwarder: Forwarder) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Canonicalise every request path once, before access checks or handlers read it."""
+
+    @web.middleware
+    async def canonical(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            route = routes.resolve(request.raw_path.partition("?")[0], request.method)
+        except routes.InvalidPath as exc:
+            return forwarder.refuse(request, exc)  # an attack or a bug in a client: recorded
+        request[routes.ROUTE] = route
+        routed_to_api = request.match_info.route.handler == forwarder.api
+        if route.is_api and not routed_to_api:
+            # aiohttp's router took a spelling of an API path for one of the proxy's pages
+            # (/runs/../v1/chat/completions): refuse it, with a record, rather than guess.
+            return forwarder.refuse(request, routes.UnknownPath(
+                f"Unknown path {request.path[:200]!r}: spell it {route.canonical[:200]!r}.", code="unknown_path"))
+        if not route.is_api and route.canonical != request.path:
+            # A spelling of one of the proxy's own pages (//healthz, /ui/../metrics): only the canonical
+            # one is served, so the access check and the handler agree on what was asked for.
+            raise web.HTTPNotFound()
+        return await handler(request)
+
+    return canonical
+
+
 def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
     """Build the proxy application for a configuration."""
     app = web.Application(middlewares=[error_middleware], client_max_size=cfg.max_body_bytes)
@@ -68,6 +90,7 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
     app[SINK] = sink = JsonlSink(cfg.runs_dir, cfg.flush_interval_s, fsync=cfg.fsync == "batch")
     # The client session needs a running loop: _resources plugs it in at start-up.
     app[FORWARDER] = Forwarder(cfg, None, sink, pricebook)
+    app.middlewares.append(route_middleware(app[FORWARDER]))
     app[METRICS] = Metrics(sink)
     app[FORWARDER].observers.append(app[METRICS].observe)
     budgets.install(app, app[FORWARDER])
@@ -75,28 +98,13 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_on_shutdown)
 
-    async def metered(request: web.Request) -> web.StreamResponse:
-        return await request.app[FORWARDER].metered(request)
-
-    async def passthrough(request: web.Request) -> web.StreamResponse:
-        # A metered path spelt with a trailing or doubled slash is still an LLM call to record.
-        endpoint = metered_endpoint(request.method, request.match_info["tail"])
-        if endpoint is not None:
-            return await request.app[FORWARDER].metered(request, endpoint)
-        return await request.app[FORWARDER].passthrough(request)
-
-    async def native(request: web.Request) -> web.StreamResponse:
-        return await request.app[FORWARDER].metered(request, "api/" + request.match_info["tail"])
-
-    for prefix in ("", "/run/{run_id}"):
-        app.router.add_post(prefix + "/api/{tail:chat|generate|embed|embeddings}", native,
-                            expect_handler=expect_continue)  # fmt: skip
-        # expect_continue: aiohttp's own Expect handling answers 417 (or 500) before any handler runs.
-        app.router.add_post(prefix + "/v1/{tail:" + _METERED + "}", metered, expect_handler=expect_continue)
-        app.router.add_route("*", prefix + "/v1/{tail:.*}", passthrough, expect_handler=expect_continue)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", app[METRICS].handle)
     runs_api.install(app, cfg.runs_dir, app[FORWARDER].observers)  # /runs..., /ui, live events
+    # Everything else is the API, dispatched on the canonical path (whatever aiohttp's router made of
+    # the spelling). expect_continue: aiohttp's own Expect handling answers 417 (or 500) before any
+    # handler runs, so the call would get no record.
+    app.router.add_route("*", "/{tail:.*}", app[FORWARDER].api, expect_handler=expect_continue)
     return app
 
 

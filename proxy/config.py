@@ -13,6 +13,9 @@ from urllib.parse import urlsplit
 import yaml
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+#: Unmetered paths forwarded by default ("METHOD GLOB" on the canonical path): SDKs list models.
+DEFAULT_PASSTHROUGH: tuple[str, ...] = ("GET /v1/models", "GET /v1/models/*")
+_METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 PROVIDERS = frozenset(
     {
@@ -106,6 +109,9 @@ class Config:
     """auto (uvloop when installed, else asyncio), asyncio or uvloop."""
     budgets: Budgets = field(default_factory=Budgets)
     access: Access = field(default_factory=Access)
+    passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
+    """Unmetered paths forwarded as they are, as "METHOD GLOB" rules on the canonical path (``*`` stays
+    within one segment, ``**`` crosses them); every other path but the metered endpoints gets a 404."""
 
 
 def _fail(key: str, why: str) -> ConfigError:
@@ -228,8 +234,24 @@ def _upstream(raw: Any, i: int) -> Upstream:
 TOP_KEYS = {
     "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes",
     "max_header_bytes", "max_connections", "flush_interval_ms", "fsync", "on_record_failure",
-    "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access",
+    "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access", "passthrough",
 }  # fmt: skip
+
+
+def _passthrough(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return DEFAULT_PASSTHROUGH
+    if not isinstance(raw, list):
+        raise _fail("passthrough", 'must be a list of "METHOD /path/glob" rules, e.g. "GET /v1/models"')
+    rules = []
+    for i, rule in enumerate(raw):
+        parts = rule.split() if isinstance(rule, str) else []
+        if len(parts) != 2 or parts[0].upper() not in _METHODS or not parts[1].startswith("/"):
+            raise _fail(f"passthrough[{i}]", f'must be "METHOD /path/glob", e.g. "GET /v1/models/*" (got {rule!r})')
+        if "/." in parts[1] or "\\" in parts[1] or "%" in parts[1]:
+            raise _fail(f"passthrough[{i}]", "must be a canonical path: no dot segments, backslashes or escapes")
+        rules.append(f"{parts[0].upper()} {parts[1]}")
+    return tuple(rules)
 
 
 def _limits(raw: Any, path: str, match: str | None) -> BudgetRule:
@@ -354,6 +376,7 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         event_loop=_choice(raw, "event_loop", d.event_loop, ("auto", "asyncio", "uvloop")),
         budgets=_budgets(raw.get("budgets")),
         access=_access(raw.get("access")),
+        passthrough=_passthrough(raw.get("passthrough")),
     )
 
 

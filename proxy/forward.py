@@ -18,11 +18,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
-from proxy import errors, providers
+from proxy import errors, providers, routes
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
-from proxy.meter import ENDPOINTS, NATIVE_ENDPOINTS, Meter, estimate_input_tokens, estimate_output_tokens
+from proxy.meter import Meter, estimate_input_tokens, estimate_output_tokens
 from proxy.records import ErrorInfo, JsonlSink, Record
 from proxy.usage import Usage
 
@@ -78,12 +79,12 @@ class Call:
     """What is known about one call while it is in flight."""
 
     __slots__ = (
-        "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "method", "upstream", "provider",
+        "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "path", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
         "request_obj", "up", "extra_headers", "delivered",
     )  # fmt: skip
 
-    def __init__(self, endpoint: str, method: str) -> None:
+    def __init__(self, endpoint: routes.Endpoint | None, method: str, path: str) -> None:
         self.t0 = perf_counter()
         self.ts = time.time()
         self.request_id = "req_" + os.urandom(12).hex()
@@ -91,13 +92,15 @@ class Call:
         self.task: str | None = None
         self.tags: dict[str, str] = {}
         self.endpoint = endpoint
+        self.path = path
+        """The canonical path: the endpoint's, or what a refused request asked for."""
         self.method = method
         self.upstream: Upstream | None = None
         self.provider: str | None = None
         self.requested_model: str | None = None
         self.stream = False
         self.status = 0
-        self.meter = Meter(ENDPOINTS.get(endpoint) or NATIVE_ENDPOINTS.get(endpoint) or "chat")
+        self.meter = Meter(endpoint.dialect if endpoint else "chat")
         self.ttfb: float | None = None
         self.error: ErrorInfo | None = None
         self.injected = False
@@ -149,6 +152,8 @@ class Forwarder:
         self.shutting_down = False
         self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
         self._local = {u.name: providers.is_local(u.base_url) for u in cfg.upstreams}
+        self._bases = {u.name: URL(u.base_url) for u in cfg.upstreams}
+        self.passthrough_rules = routes.Passthrough(cfg.passthrough)
         self._learned: dict[str, str] = {}
         """Providers told by an upstream's responses (its URL said nothing): they hold for all its endpoints."""
         # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
@@ -172,7 +177,7 @@ class Forwarder:
     def _run_id(self, request: web.Request) -> str:
         run_id = request.headers.get("X-Run-Id")
         if run_id is None:
-            run_id = request.match_info.get("run_id", self.cfg.default_run_id)
+            run_id = request[routes.ROUTE].run_id or self.cfg.default_run_id
         if not RUN_ID_RE.fullmatch(run_id):
             shown = run_id if len(run_id) <= 40 else run_id[:40] + "..."
             raise errors.InvalidRunId(
@@ -233,38 +238,69 @@ class Forwarder:
         call.injected = call.meter.strip_usage = True
         return orjson.dumps({**obj, "stream_options": merged})
 
-    def _url(self, upstream: Upstream, tail: str, query: str) -> str:
-        base = upstream.base_url
-        if tail in NATIVE_ENDPOINTS and base.endswith("/v1"):
-            base = base[:-3]  # Ollama's native API lives beside /v1, at the server's root
-        url = f"{base}/{tail}"
-        return f"{url}?{query}" if query else url
+    def _url(self, upstream: Upstream, route: routes.Route, request: web.Request) -> URL:
+        """The upstream URL: exactly the canonical path under base_url, built so nothing re-resolves it."""
+        base = self._bases[upstream.name]
+        if route.path.startswith("/api/") and base.path.endswith("/v1"):
+            base = base.with_path(base.path[:-3])  # Ollama's native API lives beside /v1, at the server's root
+        query = request.rel_url.raw_query_string
+        target = base.raw_path.rstrip("/") + route.upstream_tail() + (f"?{query}" if query else "")
+        return URL(str(base.origin()) + target, encoded=True)
 
-    async def _send(self, method: str, url: str, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
-        """Send the request upstream and return once its status and headers are in."""
+    async def _send(self, method: str, url: URL, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+        """Send the request upstream and return once its status and headers are in.
+
+        Redirects are never followed: the next host would get the injected key, the configured headers
+        and (on 307/308) the prompt. A 3xx goes back to the client as it is.
+        """
         assert self.session is not None, "the app's cleanup_ctx opens the session"
+        where = self._shown_url(url)
         try:
-            return await self.session.request(method, url, data=body or None, headers=headers)
+            return await self.session.request(method, url, data=body or None, headers=headers,
+                                              allow_redirects=False)  # fmt: skip
         except TimeoutError:
-            raise errors.UpstreamTimeout(f"The upstream did not answer in time ({url.split('?')[0]}).") from None
+            raise errors.UpstreamTimeout(f"The upstream did not answer in time ({where}).") from None
         except aiohttp.ClientError as exc:
             raise errors.UpstreamUnreachable(
-                f"Could not reach the upstream at {url.split('?')[0]}: {type(exc).__name__}: {exc}"
+                f"Could not reach the upstream at {where}: {type(exc).__name__}: {exc}"
             ) from None
+
+    @staticmethod
+    def _shown_url(url: URL) -> str:
+        """An upstream URL fit for an error message: no userinfo, no query."""
+        return str(url.with_user(None).with_query(None)) if url.user or url.password else str(url.with_query(None))
 
     # -- metered endpoints -----------------------------------------------------------------
 
+    async def api(self, request: web.Request) -> web.StreamResponse:
+        """Every API path: metered endpoints, the pass-through allow-list, and refusals (recorded)."""
+        route = request[routes.ROUTE]
+        if route.endpoint is not None:
+            return await self.metered(request, route.endpoint)
+        if not route.is_api:
+            if ("/v1" + route.path) not in routes.BY_PATH:
+                raise web.HTTPNotFound()
+            # POST /chat/completions: a base URL without /v1. Refused with the hint, and recorded.
+            return self.refuse(request, routes.unknown(route, request.method))
+        if self.passthrough_rules.allows(request.method, route.path):
+            return await self.passthrough(request, route)
+        return self.refuse(request, routes.unknown(route, request.method))
+
     def refuse(self, request: web.Request, exc: ProxyError) -> web.Response:
-        """Answer a metered call refused before it is read (no proxy key): one record, run_id null."""
-        call = Call(request.match_info["tail"], request.method)
+        """Answer a call refused before it is read (bad path, no proxy key): one record, run_id null."""
+        route = request.get(routes.ROUTE)
+        if route is not None:
+            call = Call(route.endpoint, request.method, route.path)
+        else:  # the path itself was refused: record what was asked for, bounded
+            call = Call(None, request.method, request.raw_path.partition("?")[0][:200])
         call.status = exc.status
         err = call.fail(exc.category, exc.message)
         self._record(call)
         return errors.render(exc, err.id, call.request_id)
 
-    async def metered(self, request: web.Request, endpoint: str | None = None) -> web.StreamResponse:
+    async def metered(self, request: web.Request, endpoint: routes.Endpoint) -> web.StreamResponse:
         """Forward one LLM call and record exactly one line for it, whatever happens."""
-        call = Call(endpoint or request.match_info["tail"], request.method)
+        call = Call(endpoint, request.method, endpoint.path)
         try:
             return await self._metered(request, call)
         except ProxyError as exc:
@@ -308,6 +344,9 @@ class Forwarder:
             raise errors.RecordingUnavailable(
                 "metering-proxy cannot write its records (runs dir unwritable); refusing calls until it can."
             )
+        if self.cfg.on_record_failure == "refuse" and self.sink.run_blocked(call.run_id):
+            raise errors.RecordingUnavailable(f"metering-proxy cannot write the records of run {call.run_id!r} (its"
+                                              " run file is a symlink or not a regular file); refusing its calls.")
         ctype = headers.get("Content-Type")
         if ctype is not None and "json" not in ctype.lower():
             raise errors.UnsupportedMediaType(
@@ -337,7 +376,8 @@ class Forwarder:
                                     param="model", code="missing_model")  # fmt: skip
         call.requested_model = model
         # Ollama's native chat and generate stream unless told not to; every other API only when asked.
-        stream = obj.get("stream", call.endpoint in ("api/chat", "api/generate"))
+        assert call.endpoint is not None
+        stream = obj.get("stream", call.endpoint.streams_by_default)
         if not isinstance(stream, bool) and stream is not None:
             raise errors.BadRequest("'stream' must be true or false.", param="stream")
         call.stream = bool(stream)
@@ -355,7 +395,7 @@ class Forwarder:
         usage_stream = call.stream and call.meter.endpoint in ("chat", "completions")
         if usage_stream:
             body = self._stream_options(call, upstream, obj, original)
-        url = self._url(upstream, call.endpoint, request.query_string)
+        url = self._url(upstream, request[routes.ROUTE], request)
         up_headers = self._upstream_headers(request, upstream)
         up = await self._send(request.method, url, body, up_headers)
         if usage_stream and (body is not original or "stream_options" in obj):
@@ -501,7 +541,7 @@ class Forwarder:
             request_id=call.request_id,
             task=call.task,
             tags=call.tags,
-            endpoint=("/" if call.endpoint in NATIVE_ENDPOINTS else "/v1/") + call.endpoint,
+            endpoint=call.path,
             method=call.method,
             upstream=upstream_name,
             provider=provider,
@@ -551,21 +591,22 @@ class Forwarder:
 
     # -- everything else under /v1 ---------------------------------------------------------
 
-    async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Forward any other /v1 path unmetered (e.g. GET /v1/models), streaming the answer back."""
+    async def passthrough(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
+        """Forward an allow-listed path unmetered (e.g. GET /v1/models), streaming the answer back."""
         try:
             body = await request.read()
         except web.RequestPayloadError as exc:
             raise _undecodable(request, exc) from None
-        upstream = self.cfg.upstreams[0]
-        if body and "json" in request.headers.get("Content-Type", ""):
+        model: Any = None
+        if route.path.startswith("/v1/models/"):
+            model = route.path.removeprefix("/v1/models/")  # GET /v1/models/{id}: ask the model's upstream
+        elif body and "json" in request.headers.get("Content-Type", ""):
             try:
                 model = orjson.loads(body).get("model")
             except (orjson.JSONDecodeError, AttributeError):
                 model = None
-            if isinstance(model, str):
-                upstream = self.router.pick(model) or upstream
-        url = self._url(upstream, request.match_info["tail"], request.query_string)
+        upstream = (self.router.pick(model) if isinstance(model, str) else None) or self.cfg.upstreams[0]
+        url = self._url(upstream, route, request)
         up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
         try:
             resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, None))
@@ -595,14 +636,6 @@ def _undecodable(request: web.Request, exc: Exception) -> ProxyError:
     why = str(exc).replace("\n", " ").split("message:")[-1].strip()
     return errors.BadRequest(f"The request body could not be decoded{how}: {why}",
                              param="Content-Encoding" if enc else None)  # fmt: skip
-
-
-def metered_endpoint(method: str, tail: str) -> str | None:
-    """The metered endpoint a /v1 path means despite stray slashes (chat/completions/, //chat/...)."""
-    if method != "POST":
-        return None
-    canonical = "/".join(part for part in tail.split("/") if part)
-    return canonical if canonical in ENDPOINTS else None
 
 
 async def _rejects_stream_options(up: aiohttp.ClientResponse) -> bool:

@@ -16,21 +16,6 @@ from proxy import usage as U
 from proxy.errors import category_for_stream_error, scrub
 from proxy.sse import Event, SSEDecoder
 
-#: Metered endpoints: path under /v1 -> dialect.
-ENDPOINTS: dict[str, str] = {
-    "chat/completions": "chat",
-    "completions": "completions",
-    "embeddings": "embeddings",
-    "responses": "responses",
-    "messages": "messages",
-}
-#: Ollama's native API (NDJSON streams, metrics in nanoseconds): path -> dialect.
-NATIVE_ENDPOINTS: dict[str, str] = {
-    "api/chat": "ollama",
-    "api/generate": "ollama",
-    "api/embed": "ollama",
-    "api/embeddings": "ollama",
-}
 _MAX_LINE = 16 * 1024 * 1024
 # Ollama's final object: the fields kept as usage_raw (its counts and durations, never text).
 _OLLAMA_METRICS = ("prompt_eval_count", "prompt_eval_cached_count", "eval_count", "total_duration",

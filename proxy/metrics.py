@@ -26,24 +26,14 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy.records import JsonlSink, Record
+from proxy.routes import ENDPOINTS
 
 # A `*_created` gauge beside every counter and histogram child doubles the series for nothing Prometheus
 # needs (process-wide setting; this is the only prometheus_client user in the proxy).
 disable_created_metrics()
 
-#: Record endpoint -> gen_ai.operation.name. Responses and Anthropic Messages are chat turns;
-#: the ``endpoint`` label on the request counter tells them apart.
-OPERATIONS: dict[str, str] = {
-    "/v1/chat/completions": "chat",
-    "/v1/messages": "chat",
-    "/v1/responses": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/embeddings": "embeddings",
-    "/api/chat": "chat",
-    "/api/generate": "text_completion",
-    "/api/embed": "embeddings",
-    "/api/embeddings": "embeddings",
-}
+#: Record endpoint -> gen_ai.operation.name, from the endpoint table.
+OPERATIONS: dict[str, str] = {e.path: e.operation for e in ENDPOINTS}
 #: Our provider names -> gen_ai.provider.name where the spec has a well-known value; the rest
 #: (vllm, ollama, openrouter, ...) keep their own name, as the spec asks for custom systems.
 PROVIDER_NAMES: dict[str, str] = {

@@ -319,3 +319,37 @@ async def test_no_secret_or_prompt_in_logs_or_records(make_proxy: ProxyFactory, 
     for secret in (API_KEY, KEY, WRONG, ADMIN, "PROMPT-zebra", "secret plan"):
         for name, text in blobs.items():
             assert secret not in text, f"{secret!r} found in {name}"
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [
+        ("/v1/chat/completions/", "/v1/chat/completions"),
+        ("/v1//chat/completions", "/v1/chat/completions"),
+        ("/v1/chat/./completions", "/v1/chat/completions"),
+        ("/run/r/v1/messages", "/v1/messages"),
+        ("/api/chat", "/api/chat"),
+        ("/api/generate", "/api/generate"),
+        ("/api/embeddings", "/api/embeddings"),
+        ("/api/embed", "/api/embed"),
+    ],
+)
+async def test_a_missing_key_on_any_spelling_of_a_metered_path_is_recorded(
+    make_proxy: ProxyFactory, fake_upstream: FakeUpstream, path: str, endpoint: str
+) -> None:
+    """The refusal path reads the same endpoint table as the meter: no spelling escapes the record."""
+    import asyncio
+
+    proxy = await make_proxy(access=Access(proxy_keys=(KEY,)))
+    assert proxy.server.port is not None
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSGS})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)  # exactly this spelling
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 401"), raw[:200]
+    await proxy.flush()
+    [rec] = rejected(proxy)
+    assert rec["endpoint"] == endpoint and rec["error"]["category"] == "unauthorized"
+    assert fake_upstream.requests == []

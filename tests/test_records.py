@@ -212,7 +212,6 @@ async def test_a_call_to_a_planted_run_never_writes_outside(
     assert sorted(_refusals(caplog)) == [f"records: {runs / n}.jsonl {REFUSED}" for n in ("dangling", "planted")]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the run_blocked check in forward.py _metered (owned elsewhere)")
 async def test_calls_to_a_planted_run_are_refused_as_recording_unavailable(
     tmp_path: Path, make_proxy: ProxyFactory, fake_upstream: FakeUpstream
 ) -> None:

@@ -309,9 +309,10 @@ async def test_gzip_request_body_is_forwarded_decoded(
 
 @pytest.mark.parametrize("path", [CHAT, "/v1/files"])
 async def test_undecodable_request_body_gives_400(
-    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, path: str
+    make_proxy: ProxyFactory, fake_upstream: FakeUpstream, path: str
 ) -> None:
     """A body that does not decode as its Content-Encoding says: a 400 in OpenAI's shape, not a 500."""
+    proxy = await make_proxy(passthrough=("POST /v1/files",))
     status, headers, raw = await post(
         proxy.url(path), b'{"model": "gpt-4o-mini"}', {"X-Run-Id": "undecodable", "Content-Encoding": "gzip"}
     )
@@ -416,8 +417,8 @@ async def test_which_rejections_are_recorded_and_where(
     make_proxy: ProxyFactory, fake_upstream: FakeUpstream
 ) -> None:
     """The documented rule: a POST to a metered endpoint with a valid run id always leaves one record in
-    that run's file, refusals included; an invalid run id leaves one in .rejected.jsonl; unknown paths and
-    unmetered pass-through paths leave none."""
+    that run's file, refusals included; an invalid run id, or a path under /v1, /api or /run that the
+    proxy does not serve, leaves one in .rejected.jsonl; allow-listed pass-through paths leave none."""
     proxy = await make_proxy(
         max_body_bytes=2000,
         upstreams=(Upstream(name="fake", base_url=fake_upstream.base_url, models=("gpt-*",)),),
@@ -457,27 +458,26 @@ async def test_which_rejections_are_recorded_and_where(
         rejected.append(headers["X-Meter-Request-Id"])
     requests_before = len(fake_upstream.requests)
     async with aiohttp.ClientSession(headers=run) as s:
-        for method, path in [
-            ("POST", "/v2/chat/completions"),
-            ("GET", "/nothing"),
-            ("POST", "/run/rule/v2/x"),
-            ("POST", "/run/rule"),
-        ]:
-            async with s.request(method, proxy.url(path), data=ok) as r:  # unknown paths: the router's 404
+        for method, path in [("POST", "/v2/chat/completions"), ("GET", "/nothing")]:
+            async with s.request(method, proxy.url(path), data=ok) as r:  # not the API: a plain 404
                 assert r.status == 404, path
                 assert (await r.json())["error"]["code"] == "unknown_path"
-        for method, path in [
-            ("GET", "/v1/models"),
-            ("POST", "/v1/files"),
-            ("GET", CHAT),
-            ("GET", "/run/rule/v1/models"),
-            ("POST", CHAT + "/extra"),
+        for method, path, status in [
+            ("POST", "/run/rule/v2/x", 404),
+            ("POST", "/run/rule", 404),
+            ("POST", "/v1/files", 404),
+            ("GET", CHAT, 405),
+            ("POST", CHAT + "/extra", 404),
         ]:
-            async with s.request(method, proxy.url(path), data=ok) as r:  # unmetered: forwarded, not recorded
-                await r.read()
-    # All five were forwarded (the fake's router answers GET chat/completions 405 before logging it).
+            async with s.request(method, proxy.url(path), data=ok) as r:  # under the API: refused, recorded
+                assert r.status == status, path
+                assert (await r.json())["error"]["code"] in ("unknown_path", "method_not_allowed")
+                rejected.append(r.headers["X-Meter-Request-Id"])
+        for method, path in [("GET", "/v1/models"), ("GET", "/run/rule/v1/models")]:
+            async with s.request(method, proxy.url(path)) as r:  # the allow-list: forwarded, not recorded
+                assert r.status == 200
     forwarded = [r["path"] for r in fake_upstream.requests[requests_before:]]
-    assert forwarded == ["/v1/models", "/v1/files", "/v1/models", CHAT + "/extra"]
+    assert forwarded == ["/v1/models", "/v1/models"]
     await asyncio.sleep(0.15)
     await proxy.flush()
     assert record_files(proxy.runs_dir) == [".rejected.jsonl", "rule.jsonl"]
@@ -487,9 +487,9 @@ async def test_which_rejections_are_recorded_and_where(
     assert all(r["run_id"] == "rule" for r in recs)
     rej = parse_lines(proxy.runs_dir / ".rejected.jsonl")
     assert [r["request_id"] for r in rej] == rejected
-    assert all(
-        r["run_id"] is None and r["error"]["category"] == "invalid_run_id" and r["status"] == 400 for r in rej
-    )
+    assert all(r["run_id"] is None for r in rej)
+    assert [(r["status"], r["error"]["category"]) for r in rej] == [(400, "invalid_run_id")] * 3 + [
+        (404, "unknown_path")] * 3 + [(405, "unknown_path"), (404, "unknown_path")]  # fmt: skip
 
 
 async def test_header_values_that_are_not_utf8_are_recorded(proxy: ProxyUnderTest) -> None:
