@@ -24,6 +24,9 @@ CATEGORIES = frozenset(
         "connection_error",  # upstream refused, reset or unreachable before answering
         "empty_response",  # upstream answered 2xx with no body / no events
         "invalid_response",  # upstream answered 2xx with a body that is not the expected JSON
+        "upstream_redirect",  # upstream answered 3xx: passed to the client as is, never followed
+        "invalid_path",  # the request path is ambiguous (encoded '/', '\', '.', NUL) or climbs above its root
+        "unknown_path",  # a path (or method) under /v1, /api or /run that the proxy does not serve
         "stream_interrupted",  # upstream closed the stream before it was complete
         "client_aborted",  # the client went away before the response was complete
         "recording_unavailable",  # the runs dir cannot be written and calls are refused

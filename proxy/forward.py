@@ -414,7 +414,7 @@ class Forwarder:
         call.ttfb = perf_counter()
         call.status = up.status
         ctype = up.headers.get("Content-Type", "")
-        if up.status < 400 and (ctype.startswith("text/event-stream") or ctype.startswith("application/x-ndjson")):
+        if up.status < 300 and (ctype.startswith("text/event-stream") or ctype.startswith("application/x-ndjson")):
             return await self._stream(request, call, up)
         return await self._buffered(request, call, up)
 
@@ -432,6 +432,15 @@ class Forwarder:
         if up.status >= 400:
             err = call.fail(errors.category_for_status(up.status), _error_detail(body, up.status))
             headers["X-Meter-Error-Id"] = err.id
+        elif up.status >= 300:
+            # Never followed (the next host would get our key and the prompt); the client decides.
+            try:
+                where = URL(up.headers.get("Location", "")).host or "the same host"
+            except ValueError:
+                where = "an invalid Location"
+            headers["X-Meter-Error-Id"] = call.fail(
+                "upstream_redirect", f"the upstream answered {up.status} redirecting to {where}; not followed"
+            ).id
         elif not body:
             headers["X-Meter-Error-Id"] = call.fail("empty_response", "the upstream answered with an empty body").id
         elif not meter.read_body(body):

@@ -260,3 +260,61 @@ def test_the_endpoint_table_is_the_only_list() -> None:
 
     assert set(metrics.OPERATIONS) == set(routes.BY_PATH)
     assert all(e.path.startswith(("/v1/", "/api/")) for e in routes.ENDPOINTS)
+
+
+# -- redirects are never followed --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/models"])
+async def test_upstream_redirects_are_not_followed(tmp_path: Path, status: int, target: str) -> None:
+    """A redirect to another host would hand it the injected key, configured headers and the prompt."""
+    import os
+
+    thief_got: list[dict[str, str]] = []
+
+    async def thief(request: web.Request) -> web.Response:
+        thief_got.append(dict(request.headers))
+        return web.json_response(CHAT_OK)
+
+    thief_app = web.Application()
+    thief_app.router.add_route("*", "/{tail:.*}", thief)
+    thief_server = TestServer(thief_app, host="127.0.0.1")
+    await thief_server.start_server()
+
+    class Redirect(web.HTTPException):
+        status_code = status
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        raise Redirect(headers={"Location": str(thief_server.make_url(request.path))})
+
+    up_app = web.Application()
+    up_app.router.add_route("*", "/{tail:.*}", handler)
+    up_server = TestServer(up_app, host="127.0.0.1")
+    await up_server.start_server()
+    os.environ["ROUTES_TEST_KEY"] = "sk-ant-injected-secret"
+    cfg = Config(
+        runs_dir=tmp_path / "runs",
+        upstreams=(Upstream(name="up", base_url=str(up_server.make_url("/v1")), provider="anthropic",
+                            api_key_env="ROUTES_TEST_KEY", headers=(("api-key", "azure-secret"),)),),  # fmt: skip
+        flush_interval_s=0.05,
+    )
+    proxy = TestServer(make_app(cfg), host="127.0.0.1")
+    await proxy.start_server()
+    try:
+        h = Harness(proxy, AnyPathUpstream(), cfg.runs_dir)
+        got, headers, _ = await h.raw("POST" if "chat" in target else "GET", target, "X-Run-Id: redir\r\n")
+        assert got == status
+        assert headers["location"].startswith(str(thief_server.make_url("/")))  # the client decides
+        assert thief_got == []
+        recs = await h.records()
+        if "chat" in target:
+            [rec] = recs["redir"]
+            assert rec["status"] == status and rec["error"]["category"] == "upstream_redirect"
+            assert rec["error"]["id"] == headers["x-meter-error-id"]
+    finally:
+        await proxy.close()
+        await up_server.close()
+        await thief_server.close()
+        del os.environ["ROUTES_TEST_KEY"]
