@@ -4,6 +4,9 @@ Spend is the run's recorded total (``cost_usd`` and ``total_tokens`` of its reco
 is read once, in a worker thread, the first time the proxy sees the run; from then on an observer
 adds each new record in memory. USD amounts are kept as integers of 1e-10 USD (records round
 ``cost_usd`` to 10 places), so sums, limits and the figures in messages and headers are exact.
+Whatever a record holds, counting it never raises and never lowers spend: ``to_units``/``to_tokens``
+read a negative or non-number as 0 and clamp anything from MAX_LIMIT up to MAX_LIMIT, and lines of a
+run file that are not JSON objects are skipped.
 
 Concurrency: every call admitted under a limit reserves an estimate of its cost, released when its
 record arrives, and a call is refused when spend + reservations in flight + its own reservation
@@ -76,11 +79,31 @@ class _Run:
         self.failed: str | None = None
 
 
+_MAX_UNITS = int(MAX_LIMIT) * UNITS
+_MAX_TOKENS = int(MAX_LIMIT)
+
+
 def to_units(usd: Any) -> int:
-    """USD (a record's cost_usd) as integer 1e-10 units; anything that is not a finite number is 0."""
-    if isinstance(usd, bool) or not isinstance(usd, int | float) or not math.isfinite(usd):
+    """USD (a record's cost_usd) as integer 1e-10 units, never negative and never raising.
+
+    Not a number (None, bools, strings, NaN) and anything <= 0 count 0; MAX_LIMIT or more (inf, 1e300,
+    2**70) counts MAX_LIMIT: more than any limit can be, so such a record exhausts any budget rather than
+    overflowing (round(inf) raises) or going uncounted. Records the proxy writes now stay far below it.
+    """
+    if isinstance(usd, bool) or not isinstance(usd, int | float) or not usd > 0:  # NaN fails usd > 0
         return 0
+    if usd >= MAX_LIMIT:
+        return _MAX_UNITS
     return round(usd * UNITS)
+
+
+def to_tokens(count: Any) -> int:
+    """A record's total_tokens as a spend, clamped like to_units: 0 for non-numbers and <= 0, MAX_LIMIT at most."""
+    if isinstance(count, bool) or not isinstance(count, int | float) or not count > 0:
+        return 0
+    if count >= MAX_LIMIT:
+        return _MAX_TOKENS
+    return int(count)
 
 
 def fmt_usd(units: int) -> str:
@@ -137,13 +160,14 @@ def _read_totals(path: Path, seen: set[str]) -> tuple[int, int]:
             try:
                 rec = orjson.loads(line)
             except orjson.JSONDecodeError:
-                continue  # a torn tail left by a killed writer, or a blank line
-            if not isinstance(rec, dict) or rec.get("request_id") in seen:
+                continue  # a torn tail left by a killed writer, a blank line, or not JSON (NaN, 1e400, too deep)
+            if not isinstance(rec, dict):
+                continue
+            request_id = rec.get("request_id")
+            if isinstance(request_id, str) and request_id in seen:  # a list or object id is unhashable
                 continue
             usd += to_units(rec.get("cost_usd"))
-            total = rec.get("total_tokens")
-            if isinstance(total, int) and not isinstance(total, bool) and total > 0:
-                tokens += total
+            tokens += to_tokens(rec.get("total_tokens"))
     return usd, tokens
 
 
@@ -198,8 +222,11 @@ class BudgetTracker:
             # The thread reads `seen` while the loop adds to it: a record is observed before the
             # sink can flush it, so any line of it the thread reads is already in the set.
             usd, tokens = await asyncio.to_thread(_read_totals, path, run.seen)
-        except OSError as exc:
-            run.failed = f"{path}: {exc.strerror or exc}"
+        except Exception as exc:
+            # Whatever went wrong (a bug included), a run must never be judged on a spend of 0: its calls
+            # are refused as for an unreadable file, and the next one reads it again.
+            why = (exc.strerror or exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            run.failed = f"{path}: {why}"
             log.error("budgets: cannot read %s", run.failed)
             if self._runs.get(run_id) is run:
                 del self._runs[run_id]  # the run's next call tries again
@@ -267,8 +294,9 @@ class BudgetTracker:
             holder.reserved_tokens -= r_tok
         if record.run_id is None or (run := self._runs.get(record.run_id)) is None:
             return
+        # Clamped, never raising: a spend that is not counted would let the run's next call in.
         run.usd += to_units(record.cost_usd)
-        run.tokens += record.total_tokens
+        run.tokens += to_tokens(record.total_tokens)
         if run.seen is not None:
             run.seen.add(record.request_id)
 

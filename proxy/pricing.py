@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from proxy.usage import Usage
+from proxy.usage import MAX_TOKENS_PER_CALL, Usage, valid_cost
 
 log = logging.getLogger("metering_proxy.pricing")
 
@@ -41,6 +41,10 @@ _CUSTOM_KEYS = ("model", "upstream", "input", "cached_input", "cache_write", "ou
 _WARN_LIMIT = 1000  # distinct unknown model names warned about; names can come from clients
 _MEMO_LIMIT = 4096  # model names can come from clients; keep the memo from growing without bound
 _MAX_DOWNLOAD = 64 * 1024 * 1024
+MAX_RATE_PER_TOKEN = 1.0
+"""The largest price believed, in USD per token ($1M per million): about 100x the priciest rate in the
+table ($0.0097). A larger (or negative, or NaN) table rate is ignored as if the entry lacked it; a custom
+price above it is a config error. With counts held to MAX_TOKENS_PER_CALL, every cost is then finite."""
 
 
 def cache_path() -> Path:
@@ -57,6 +61,19 @@ def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def _rate(value: Any) -> float | None:
+    """A per-token price from the table, or None when it is not one to price with (see MAX_RATE_PER_TOKEN)."""
+    rate = _num(value)
+    return rate if rate is not None and 0 <= rate <= MAX_RATE_PER_TOKEN else None
+
+
+def _tokens(value: Any) -> int:
+    """A count to price: whatever a caller built a Usage from, never negative, NaN or unbounded."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return 0
+    return int(min(max(value, 0), MAX_TOKENS_PER_CALL))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +128,9 @@ def parse_custom_prices(raw: object) -> tuple[CustomPrice, ...]:
         for key in ("input", "cached_input", "cache_write", "output"):
             rates[key] = number = _num(item.get(key))
             optional_and_unset = key in ("cached_input", "cache_write") and item.get(key) is None
-            if not optional_and_unset and (number is None or number < 0):
-                raise ValueError(f"{where}.{key}: must be a number >= 0 (USD per million tokens)")
+            if not optional_and_unset and (number is None or not 0 <= number <= MAX_RATE_PER_TOKEN * 1e6):
+                raise ValueError(f"{where}.{key}: must be a number >= 0 and at most {MAX_RATE_PER_TOKEN * 1e6:.0f}"
+                                 " (USD per million tokens)")  # fmt: skip
         scope = upstream.strip() if upstream else None
         inp, read, write, outp = rates.values()
         out.append(CustomPrice(model.strip(), scope, inp or 0.0, read, write, outp or 0.0))
@@ -135,7 +153,7 @@ def _priced(key: str, entry: Any) -> bool:
     return (
         key != "sample_spec"
         and isinstance(entry, dict)
-        and (_num(entry.get(_IN)) is not None or _num(entry.get(_OUT)) is not None)
+        and (_rate(entry.get(_IN)) is not None or _rate(entry.get(_OUT)) is not None)
     )
 
 
@@ -146,7 +164,7 @@ def _check_table(data: Any) -> str | None:
     chat = sum(
         1
         for key, entry in data.items()
-        if _priced(key, entry) and entry.get("mode") == "chat" and _num(entry.get(_IN)) is not None
+        if _priced(key, entry) and entry.get("mode") == "chat" and _rate(entry.get(_IN)) is not None
     )
     return None if chat > 100 else f"only {chat} priced chat models (need more than 100)"
 
@@ -261,13 +279,13 @@ class PriceBook:
 
         def get(base: str, fallback: float | None) -> float | None:
             for cand in (base + above_sfx + tier_sfx, base + above_sfx, base + tier_sfx, base):
-                if (value := _num(entry.get(cand))) is not None:
+                if (value := _rate(entry.get(cand))) is not None:
                     return value
             return fallback
 
         inp = get(_IN, 0.0) or 0.0
         # Some keys (deepseek/...) also spell the cache-read price input_cost_per_token_cache_hit.
-        read = get(_READ, _num(entry.get("input_cost_per_token_cache_hit")))
+        read = get(_READ, _rate(entry.get("input_cost_per_token_cache_hit")))
         write = get(_WRITE, inp) or 0.0
         rates = _Rates(
             inp, inp if read is None else read, write, get(_WRITE_1H, write) or 0.0, get(_OUT, 0.0) or 0.0
@@ -285,8 +303,12 @@ class PriceBook:
         provider: str | None,
         endpoint: str,
     ) -> Cost:
-        """Price one call's usage: custom beats the table; the upstream's own charge beats ours."""
-        upstream_cost = usage.upstream_cost_usd
+        """Price one call's usage: custom beats the table; the upstream's own charge beats ours.
+
+        Never a negative, NaN or infinite cost: counts are clamped to 0..MAX_TOKENS_PER_CALL, rates out of
+        range are not used, and an upstream charge usage.py would reject is ignored here too.
+        """
+        upstream_cost = valid_cost(usage.upstream_cost_usd)
         rates: _Rates | None = None
         price_model: str | None = None
         source: str | None = None
@@ -299,7 +321,7 @@ class PriceBook:
             for name in (model, requested_model):
                 if (hit := self.match(name, provider=provider)) is not None:
                     key, entry = hit
-                    rates = self._rates(key, entry, usage.input_tokens, usage.service_tier)
+                    rates = self._rates(key, entry, _tokens(usage.input_tokens), usage.service_tier)
                     price_model, source = key, "price_table"
                     embedding = embedding or entry.get("mode") == "embedding"
                     break
@@ -357,14 +379,14 @@ class PriceBook:
             ("cache write 1h", _WRITE_1H, r.cache_write_1h),
             ("output", _OUT, r.output),
         ):
-            note = "" if _num(entry.get(base)) is not None else " (not in table; falls back)"
+            note = "" if _rate(entry.get(base)) is not None else " (not in table; falls back)"
             lines.append(f"    {label:<15}{_pm(value)}{note}")
         tiers = sorted(
-            f for f in entry if f not in _BASES and f.startswith(_BASES) and _num(entry[f]) is not None
+            f for f in entry if f not in _BASES and f.startswith(_BASES) and _rate(entry[f]) is not None
         )
         if tiers:
             lines.append("  tiers (long context, service tier), USD per 1M tokens:")
-            lines.extend(f"    {f}: {_pm(_num(entry[f]) or 0.0)}" for f in tiers)
+            lines.extend(f"    {f}: {_pm(_rate(entry[f]) or 0.0)}" for f in tiers)
         return "\n".join(lines)
 
 
@@ -375,15 +397,15 @@ def _pm(rate: float) -> str:
 
 def _breakdown(usage: Usage, rates: _Rates, embedding: bool) -> dict[str, float]:
     """Apply the rates: input_tokens holds cached reads and writes, so split them out first."""
-    total_in = max(usage.input_tokens, 0)
+    total_in = _tokens(usage.input_tokens)
     if embedding:
         return {"input": total_in * rates.input, "cached_input": 0.0, "cache_write": 0.0, "output": 0.0}
-    cached = min(max(usage.cached_input_tokens, 0), total_in)
-    writes = min(max(usage.cache_write_tokens, 0), total_in - cached)
+    cached = min(_tokens(usage.cached_input_tokens), total_in)
+    writes = min(_tokens(usage.cache_write_tokens), total_in - cached)
     if usage.cache_write_1h_tokens is not None:
-        writes_1h = usage.cache_write_1h_tokens
+        writes_1h = _tokens(usage.cache_write_1h_tokens)
     elif usage.cache_write_5m_tokens is not None:
-        writes_1h = writes - usage.cache_write_5m_tokens
+        writes_1h = writes - _tokens(usage.cache_write_5m_tokens)
     else:
         writes_1h = 0  # split unknown: 5 minutes is the default cache lifetime
     writes_1h = min(max(writes_1h, 0), writes)
@@ -391,7 +413,7 @@ def _breakdown(usage: Usage, rates: _Rates, embedding: bool) -> dict[str, float]
         "input": (total_in - cached - writes) * rates.input,
         "cached_input": cached * rates.cached_input,
         "cache_write": (writes - writes_1h) * rates.cache_write + writes_1h * rates.cache_write_1h,
-        "output": max(usage.output_tokens, 0) * rates.output,
+        "output": _tokens(usage.output_tokens) * rates.output,
     }
 
 

@@ -7,9 +7,31 @@ token (reasoning included). Each wire shape is translated in exactly one functio
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
+
+MAX_TOKENS_PER_CALL = 100_000_000
+"""The largest token count believed for one field of one call. The largest context window in the price
+table is about 10.5M tokens (Llama 4 Scout), so a real count stays 10x below this; a larger one is garbage
+or an attack, and believing it would price one call at up to $1M (at the table's priciest rates)."""
+MAX_UPSTREAM_COST_USD = 10_000.0
+"""The largest charge believed from an upstream for one call (OpenRouter ``usage.cost``). A full context
+window plus full output of the priciest model in the price table costs about $200; this is 50x that."""
+USAGE_RAW_MAX_BYTES = 8 * 1024
+"""A record's ``usage_raw`` at most this many bytes of JSON (real usage blocks are well under 1 KiB)."""
+USAGE_RAW_MAX_STRING = 256
+"""Strings longer than this are cut when a usage block has to be shortened to fit USAGE_RAW_MAX_BYTES."""
+_MAX_TIER = 64  # service tiers are short words; anything longer is not one (and would bloat every record)
+_MAX_DEPTH = 8  # a usage block nests 2-3 levels; orjson writes at most 255, so deeper is cut when shortening
+
+FIELDS = (
+    "input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+    "output_tokens", "reasoning_tokens", "total_tokens", "upstream_cost_usd",
+)  # fmt: skip
+"""The fields of Usage an upstream's value can be rejected for, in the order ``Usage.invalid`` lists them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,47 +55,77 @@ class Usage:
     total_tokens: int = 0
     """input_tokens + output_tokens."""
     upstream_cost_usd: float | None = None
-    """The charge the upstream reported itself (OpenRouter ``usage.cost``), if any."""
+    """The charge the upstream reported itself (OpenRouter ``usage.cost``), if any and believable."""
     service_tier: str | None = None
     """The service tier the upstream says it used (priority, flex, batch, ...)."""
+    invalid: tuple[str, ...] = ()
+    """Fields (names from FIELDS) whose upstream value was present but rejected: negative, not finite, not a
+    number (strings and bools included) or over MAX_TOKENS_PER_CALL / MAX_UPSTREAM_COST_USD. A rejected count
+    reads 0 here (the forwarder puts its estimate in for input and output: with_estimates), a rejected
+    cost None (the price table prices the call)."""
 
 
-_MAX_COUNT = 2**53
+def valid_count(value: Any) -> int | None:
+    """A token count as an upstream may send it (an int, or a float such as 12.0), or None if not believable."""
+    if isinstance(value, bool):
+        return None  # a bool is an int to Python, never a count
+    if isinstance(value, int):
+        return value if 0 <= value <= MAX_TOKENS_PER_CALL else None
+    if isinstance(value, float) and 0 <= value <= MAX_TOKENS_PER_CALL:  # NaN fails the comparison
+        return int(value)
+    return None
 
 
-def _int(value: Any) -> int:
-    """Return value as a non-negative int; anything that is not a number counts as 0."""
+def valid_cost(value: Any) -> float | None:
+    """An upstream-reported charge in USD, or None if not believable (negative, NaN, inf, over the bound)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    if isinstance(value, float) and not math.isfinite(value):
-        return 0  # NaN/inf: int() would raise; garbage counts as 0
-    out = int(value)
-    # No real count comes near 2**53; a larger one is garbage, and past 2**64 orjson could not
-    # even write the record.
-    return out if 0 <= out <= _MAX_COUNT else 0
+        return None
+    if not 0 <= value <= MAX_UPSTREAM_COST_USD:  # NaN fails it too; an int past float range compares exactly
+        return None
+    return float(value) or 0.0  # -0.0 would be written as a negative-looking charge
+
+
+class _Reader:
+    """Reads one usage block's numbers, noting the fields whose value was present but not believable."""
+
+    __slots__ = ("bad",)
+
+    def __init__(self) -> None:
+        self.bad: set[str] = set()
+
+    def count(self, value: Any, *fields: str) -> int:
+        """A count, 0 when absent; a value that is there but not a count flags fields and reads 0."""
+        if value is None:
+            return 0
+        out = valid_count(value)
+        if out is None:
+            self.bad.update(fields)
+            return 0
+        return out
+
+    def opt_count(self, value: Any, field: str) -> int | None:
+        """A count that may be absent (None), flagged like count()."""
+        out = None if value is None else valid_count(value)
+        if out is None and value is not None:
+            self.bad.add(field)
+        return out
+
+    def cost(self, value: Any) -> float | None:
+        out = None if value is None else valid_cost(value)
+        if out is None and value is not None:
+            self.bad.add("upstream_cost_usd")
+        return out
+
+    def invalid(self) -> tuple[str, ...]:
+        return tuple(f for f in FIELDS if f in self.bad)
 
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _opt_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        out = float(value)
-    except OverflowError:  # an int too large for a float
-        return None
-    return out if math.isfinite(out) else None  # a NaN/inf cost is garbage, not a charge
-
-
-def _opt_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # NaN/inf: int() would raise
-    out = max(int(value), 0)
-    return out if out <= _MAX_COUNT else None
+def _tier(value: Any) -> str | None:
+    return value if isinstance(value, str) and len(value) <= _MAX_TIER else None
 
 
 def is_anthropic_usage(raw: dict[str, Any]) -> bool:
@@ -88,15 +140,17 @@ def is_anthropic_usage(raw: dict[str, Any]) -> bool:
 
 def from_anthropic(raw: dict[str, Any], service_tier: str | None = None) -> Usage:
     """Anthropic Messages: input_tokens excludes cache reads and writes, so add them back."""
-    uncached = _int(raw.get("input_tokens"))
-    cache_read = _int(raw.get("cache_read_input_tokens"))
-    cache_write = _int(raw.get("cache_creation_input_tokens"))
+    r = _Reader()
+    uncached = r.count(raw.get("input_tokens"), "input_tokens")
+    # The cache counts are parts of the input total too: a rejected one leaves that total unknown.
+    cache_read = r.count(raw.get("cache_read_input_tokens"), "cached_input_tokens", "input_tokens")
+    cache_write = r.count(raw.get("cache_creation_input_tokens"), "cache_write_tokens", "input_tokens")
     split = _dict(raw.get("cache_creation"))
-    w5m = _opt_int(split.get("ephemeral_5m_input_tokens")) if split else None
-    w1h = _opt_int(split.get("ephemeral_1h_input_tokens")) if split else None
-    output = _int(raw.get("output_tokens"))
+    w5m = r.opt_count(split.get("ephemeral_5m_input_tokens"), "cache_write_5m_tokens") if split else None
+    w1h = r.opt_count(split.get("ephemeral_1h_input_tokens"), "cache_write_1h_tokens") if split else None
+    output = r.count(raw.get("output_tokens"), "output_tokens")
     details = _dict(raw.get("output_tokens_details"))
-    reasoning = _int(details.get("thinking_tokens") or details.get("reasoning_tokens"))
+    reasoning = r.count(details.get("thinking_tokens") or details.get("reasoning_tokens"), "reasoning_tokens")
     total_in = uncached + cache_read + cache_write
     tier = raw.get("service_tier") if isinstance(raw.get("service_tier"), str) else service_tier
     return Usage(
@@ -108,24 +162,27 @@ def from_anthropic(raw: dict[str, Any], service_tier: str | None = None) -> Usag
         output_tokens=output,
         reasoning_tokens=reasoning,
         total_tokens=total_in + output,
-        service_tier=tier,
+        service_tier=_tier(tier),
+        invalid=r.invalid(),
     )
 
 
 def from_responses(raw: dict[str, Any], service_tier: str | None = None) -> Usage:
     """OpenAI Responses API: input_tokens already includes cached tokens."""
-    inp = _int(raw.get("input_tokens"))
-    out = _int(raw.get("output_tokens"))
+    r = _Reader()
+    inp = r.count(raw.get("input_tokens"), "input_tokens")
+    out = r.count(raw.get("output_tokens"), "output_tokens")
     in_details = _dict(raw.get("input_tokens_details"))
     out_details = _dict(raw.get("output_tokens_details"))
     return Usage(
         input_tokens=inp,
-        cached_input_tokens=_int(in_details.get("cached_tokens")),
-        cache_write_tokens=_int(in_details.get("cache_write_tokens")),
+        cached_input_tokens=r.count(in_details.get("cached_tokens"), "cached_input_tokens"),
+        cache_write_tokens=r.count(in_details.get("cache_write_tokens"), "cache_write_tokens"),
         output_tokens=out,
-        reasoning_tokens=_int(out_details.get("reasoning_tokens")),
+        reasoning_tokens=r.count(out_details.get("reasoning_tokens"), "reasoning_tokens"),
         total_tokens=inp + out,
-        service_tier=service_tier,
+        service_tier=_tier(service_tier),
+        invalid=r.invalid(),
     )
 
 
@@ -136,50 +193,60 @@ def from_openai(raw: dict[str, Any], service_tier: str | None = None) -> Usage:
     reports hit + miss = prompt_tokens. Gemini leaves thinking tokens out of completion_tokens
     but counts them in total_tokens, so output is taken as total - prompt when that is larger.
     """
-    prompt = _int(raw.get("prompt_tokens"))
-    completion = _int(raw.get("completion_tokens"))
-    reported_total = _int(raw.get("total_tokens"))
+    r = _Reader()
+    prompt = r.count(raw.get("prompt_tokens"), "input_tokens")
+    completion = r.count(raw.get("completion_tokens"), "output_tokens")
+    reported_total = r.count(raw.get("total_tokens"), "total_tokens")
     p_details = _dict(raw.get("prompt_tokens_details"))
     c_details = _dict(raw.get("completion_tokens_details"))
-    cached = _int(p_details.get("cached_tokens"))
-    if "prompt_cache_hit_tokens" in raw:
-        cached = _int(raw.get("prompt_cache_hit_tokens"))
+    if "prompt_cache_hit_tokens" in raw:  # DeepSeek: its hit count wins over any details
+        cached = r.count(raw.get("prompt_cache_hit_tokens"), "cached_input_tokens")
         if not prompt:
-            prompt = cached + _int(raw.get("prompt_cache_miss_tokens"))
-    reasoning = _int(c_details.get("reasoning_tokens"))
+            prompt = cached + r.count(raw.get("prompt_cache_miss_tokens"), "input_tokens")
+    else:
+        cached = r.count(p_details.get("cached_tokens"), "cached_input_tokens")
+    reasoning = r.count(c_details.get("reasoning_tokens"), "reasoning_tokens")
     output = completion
     hidden = reported_total - prompt - completion
-    if hidden > 0:
+    # The difference means nothing when one of its terms was rejected (read as 0): -5 prompt tokens would
+    # otherwise turn the whole total into output.
+    if hidden > 0 and not r.bad & {"input_tokens", "output_tokens", "total_tokens"}:
         # Thinking tokens counted only in the total (Gemini): they are billed as output.
         output = completion + hidden
         reasoning = max(reasoning, hidden)
-    upstream_cost = _opt_float(raw.get("cost"))
+    upstream_cost = r.cost(raw.get("cost"))
     if upstream_cost is not None and raw.get("is_byok") is True:
         # OpenRouter BYOK: `cost` is only OpenRouter's fee; the provider billed the rest to your key.
-        byok = _opt_float(_dict(raw.get("cost_details")).get("upstream_inference_cost"))
+        byok_raw = _dict(raw.get("cost_details")).get("upstream_inference_cost")
+        byok = r.cost(byok_raw)
         if byok is not None:
-            upstream_cost += byok
+            upstream_cost = r.cost(upstream_cost + byok)
+        elif byok_raw is not None:
+            upstream_cost = None  # part of the charge is garbage, so the whole is unknown (the fee undercounts)
     return Usage(
         input_tokens=prompt,
         cached_input_tokens=cached,
-        cache_write_tokens=_int(p_details.get("cache_write_tokens")),
+        cache_write_tokens=r.count(p_details.get("cache_write_tokens"), "cache_write_tokens"),
         output_tokens=output,
         reasoning_tokens=min(reasoning, output) if output else reasoning,
         total_tokens=prompt + output,
         upstream_cost_usd=upstream_cost,
-        service_tier=service_tier,
+        service_tier=_tier(service_tier),
+        invalid=r.invalid(),
     )
 
 
 def from_ollama_native(body: dict[str, Any]) -> Usage:
     """Ollama's native /api/chat and /api/generate final object."""
-    inp = _int(body.get("prompt_eval_count"))
-    out = _int(body.get("eval_count"))
+    r = _Reader()
+    inp = r.count(body.get("prompt_eval_count"), "input_tokens")
+    out = r.count(body.get("eval_count"), "output_tokens")
     return Usage(
         input_tokens=inp,
-        cached_input_tokens=_int(body.get("prompt_eval_cached_count")),
+        cached_input_tokens=r.count(body.get("prompt_eval_cached_count"), "cached_input_tokens"),
         output_tokens=out,
         total_tokens=inp + out,
+        invalid=r.invalid(),
     )
 
 
@@ -191,7 +258,70 @@ def from_raw(raw: dict[str, Any], service_tier: str | None = None) -> Usage:
         if is_anthropic_usage(raw):
             return from_anthropic(raw, service_tier)
         return from_responses(raw, service_tier)
-    return Usage(service_tier=service_tier)
+    return Usage(service_tier=_tier(service_tier))
+
+
+def with_estimates(usage: Usage, input_estimate: int, output_estimate: int) -> Usage:
+    """Usage with the proxy's estimates in place of the input/output counts the upstream got wrong.
+
+    An estimate rather than 0, so a budget still counts something for a call that was billed; never below
+    the valid parts the upstream did report (Anthropic cache reads are input too; reasoning is output).
+    Rejected subsets (cached, cache writes, reasoning) stay 0: all input is then priced uncached. ``invalid``
+    is kept, so the record still says what the upstream sent wrong. Returns usage itself when it has no
+    rejected count to replace.
+    """
+    bad_in, bad_out = "input_tokens" in usage.invalid, "output_tokens" in usage.invalid
+    if not (bad_in or bad_out):
+        return usage
+    inp = max(input_estimate, usage.cached_input_tokens + usage.cache_write_tokens, 0) if bad_in else usage.input_tokens
+    out = max(output_estimate, usage.reasoning_tokens, 0) if bad_out else usage.output_tokens
+    return dataclasses.replace(usage, input_tokens=inp, output_tokens=out, total_tokens=inp + out)
+
+
+def bounded_raw(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The usage block as a record keeps it: verbatim when its JSON is at most USAGE_RAW_MAX_BYTES.
+
+    A larger block (or one orjson cannot write: nested deeper than 255 levels) is shortened: strings over
+    USAGE_RAW_MAX_STRING characters are cut (the cut says how long they were), nesting past 8 levels is
+    dropped, integers past 64 bits become floats, and ``"_truncated": true, "bytes": <its size>`` is added
+    (``bytes`` null when it could not be written at all). When even that does not fit, only those two keys
+    are kept. raw itself is never changed (the meter and provider detection still read it).
+    """
+    if raw is None:
+        return None
+    try:
+        size: int | None = len(orjson.dumps(raw))
+    except TypeError:  # orjson.JSONEncodeError: too deep, or an integer past 64 bits
+        size = None
+    if size is not None and size <= USAGE_RAW_MAX_BYTES:
+        return raw
+    note: dict[str, Any] = {"_truncated": True, "bytes": size}
+    short = _shorten(raw, 0)
+    assert isinstance(short, dict)
+    cut = {**short, **note}
+    try:
+        if len(orjson.dumps(cut)) <= USAGE_RAW_MAX_BYTES:
+            return cut
+    except TypeError:
+        pass  # e.g. a lone surrogate in a key; the note alone is always writable
+    return note
+
+
+def _shorten(value: Any, depth: int) -> Any:
+    """A copy of a JSON value that fits a record: long strings cut, deep nesting dropped, big ints as floats."""
+    if isinstance(value, str):
+        if len(value) <= USAGE_RAW_MAX_STRING:
+            return value
+        return f"{value[:USAGE_RAW_MAX_STRING]}...({len(value)} chars)"
+    if isinstance(value, dict | list):
+        if depth >= _MAX_DEPTH:
+            return "...(nested too deep)"
+        if isinstance(value, list):
+            return [_shorten(v, depth + 1) for v in value]
+        return {_shorten(k, depth + 1): _shorten(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return float(value) if abs(value) < 2**1023 else None  # orjson writes 64-bit integers only
+    return value
 
 
 def merge_anthropic(current: dict[str, Any] | None, delta: dict[str, Any]) -> dict[str, Any]:

@@ -91,6 +91,8 @@ class FakeUpstream:
     'garbage': the normal answer with GARBAGE_EVENTS interleaved; 'garbage-only': a stream of just those.
     'big:<n>': an answer with about n bytes of content (a JSON body, or 4 KiB deltas when streaming).
     X-Fake-Header: name=value adds that header to the answer (repeatable).
+    X-Fake-Usage: <JSON> replaces the usage block of the normal answer (buffered or streamed) with that
+    object; X-Fake-Usage-Pad: <n> adds a string of n characters to it (hostile usage, issue 11).
     'mistral': like Mistral's API, a 422 extra_forbidden for any stream_options, else usage on the last
     chunk unasked (the mistral/chat_stream fixture); 'strict': the 422 too, else the normal answer.
     ``sent`` keeps the bytes of every stream sent, in order. Every answer carries X-Fake-Upstream: 1.
@@ -236,6 +238,10 @@ class FakeUpstream:
         usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
                  "prompt_tokens_details": {"cached_tokens": 0},
                  "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+        if "X-Fake-Usage" in request.headers:
+            usage = orjson.loads(request.headers["X-Fake-Usage"])
+            if pad := int(request.headers.get("X-Fake-Usage-Pad", "0")):
+                usage["pad"] = "x" * pad
         if not body.get("stream"):
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1735689600, "model": model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import openai
@@ -12,6 +13,7 @@ import pytest
 from proxy import budgets as B
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
+from proxy.records import JsonlSink, Record
 from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest
 
 MSGS = [{"role": "user", "content": "Hi"}]
@@ -217,6 +219,60 @@ async def test_resume_reads_file_once_skipping_torn_lines(make_proxy: ProxyFacto
     # The file is not read again: the new record is counted once, from memory.
     resp = await chat(c, max_tokens=1)
     assert resp.headers["X-Run-Spend-Usd"] == "0.75000345" and resp.headers["X-Run-Spend-Tokens"] == "1524"
+
+
+# -- hostile numbers (issue 11): spend is clamped, never negative, and counting it never raises ------
+
+_MAX_UNITS = int(B.MAX_LIMIT) * B.UNITS
+_MAX_TOKENS = int(B.MAX_LIMIT)
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("value", "units", "tokens"),
+    [(1e300, _MAX_UNITS, _MAX_TOKENS), (_INF, _MAX_UNITS, _MAX_TOKENS), (2**70, _MAX_UNITS, _MAX_TOKENS),
+     (10**400, _MAX_UNITS, _MAX_TOKENS), (B.MAX_LIMIT, _MAX_UNITS, _MAX_TOKENS), (-1, 0, 0), (-1e300, 0, 0),
+     (-_INF, 0, 0), (_NAN, 0, 0), (-0.0, 0, 0), (True, 0, 0), ("5", 0, 0), (None, 0, 0), ([1], 0, 0),
+     (0.25, B.UNITS // 4, 0), (1500, 1500 * B.UNITS, 1500), (1500.0, 1500 * B.UNITS, 1500)],
+)  # fmt: skip
+def test_units_and_tokens_are_clamped_never_raise(value: Any, units: int, tokens: int) -> None:
+    assert B.to_units(value) == units
+    assert B.to_tokens(value) == tokens
+
+
+def _record(**changes: Any) -> Record:
+    base = Record(
+        ts="2026-01-01T00:00:00.000Z", run_id="r", request_id="req_1", task=None, tags={},
+        endpoint="/v1/chat/completions", method="POST", upstream="u", provider=None, requested_model="m",
+        model="m", stream=False, status=200, success=True, finish_reason="stop", input_tokens=1,
+        cached_input_tokens=0, cache_write_tokens=0, cache_write_5m_tokens=None, cache_write_1h_tokens=None,
+        output_tokens=2, reasoning_tokens=0, total_tokens=3, usage_source="upstream", usage_raw=None,
+        stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None, duration_ms=2.0, tokens_per_second=None,
+        server_timing=None, upstream_request_id=None, error=None,
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("cost", "tokens", "units", "counted"),
+    [(1e300, 1e300, _MAX_UNITS, _MAX_TOKENS), (_INF, _INF, _MAX_UNITS, _MAX_TOKENS),
+     (2**70, 2**70, _MAX_UNITS, _MAX_TOKENS), (-1, -1, 0, 0), (-1e300, -(2**70), 0, 0), (_NAN, _NAN, 0, 0)],
+)  # fmt: skip
+async def test_observer_counts_hostile_records_and_never_raises(tmp_path: Any, cost: Any, tokens: Any,
+                                                                units: int, counted: int) -> None:  # fmt: skip
+    tracker = B.BudgetTracker(budgets(1.0, 1000), JsonlSink(tmp_path / "runs"))
+    run = tracker._track("r")
+    assert run.loading is not None
+    await run.loading  # no run file yet: spend starts at 0
+    tracker._inflight["req_1"] = (run, 7, 9)
+    run.reserved_usd, run.reserved_tokens = 7, 9
+    tracker.observe(_record(cost_usd=cost, total_tokens=tokens))
+    # The reservation is released and the spend counted, clamped: never negative, never lost.
+    assert (run.reserved_usd, run.reserved_tokens) == (0, 0) and not tracker._inflight
+    assert (run.usd, run.tokens) == (units, counted)
+    assert isinstance(run.usd, int) and isinstance(run.tokens, int)
+    tracker.observe(_record(request_id="req_2", cost_usd=0.5, total_tokens=10))
+    assert tracker.spend("r") == (B.fmt_usd(units + B.UNITS // 2), counted + 10)
 
 
 @pytest.mark.parametrize(("max_tokens", "admitted"), [(5, 4), (1, 5)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from proxy.pricing import (
     parse_custom_prices,
     update_prices,
 )
-from proxy.usage import Usage, from_anthropic, from_openai
+from proxy.usage import MAX_TOKENS_PER_CALL, Usage, from_anthropic, from_openai
 
 LOGGER = "metering_proxy.pricing"
 
@@ -689,3 +690,81 @@ def test_unknown_model_warnings_are_bounded(caplog: pytest.LogCaptureFixture) ->
             assert book.price(usage, model=f"nope-{i}", requested_model=None, upstream=None, provider=None,
                               endpoint="chat").cost_usd is None  # fmt: skip
     assert len(caplog.records) == 1000
+
+
+# -- hostile numbers never give a negative, NaN or infinite cost (issue 11) -------------------------
+
+_BAD_COUNTS = [-1, -(2**70), float("nan"), float("inf"), float("-inf"), 2**70, 1e300]
+_COUNT_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_5m_tokens",
+                 "cache_write_1h_tokens", "output_tokens")  # fmt: skip
+
+
+def _sound(cost: Cost) -> None:
+    assert cost.cost_usd is not None and math.isfinite(cost.cost_usd) and cost.cost_usd >= 0, cost
+    assert cost.breakdown is not None
+    assert all(math.isfinite(v) and v >= 0 for v in cost.breakdown.values()), cost.breakdown
+
+
+@pytest.mark.parametrize("value", _BAD_COUNTS)
+@pytest.mark.parametrize("field", _COUNT_FIELDS)
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet-4-5", "text-embedding-3-small"])
+def test_hostile_counts_never_give_a_negative_or_nan_cost(book: PriceBook, field: str, value: float,
+                                                          model: str) -> None:  # fmt: skip
+    # Usage built by hand (a caller's bug, not the wire: usage.py rejects these before pricing sees them).
+    base = {"input_tokens": 1000, "cached_input_tokens": 200, "cache_write_tokens": 100, "output_tokens": 50}
+    usage = Usage(**{**base, field: value})  # type: ignore[arg-type]
+    endpoint = "embeddings" if model.startswith("text-") else "chat"
+    got = _price(book, usage, model, endpoint=endpoint)
+    _sound(got)
+    # An absurd count is priced as the largest believable one: bounded by MAX_TOKENS_PER_CALL input tokens
+    # in the priciest input bucket (uncached, 5-minute or 1-hour cache writes) plus as many output tokens.
+    top = MAX_TOKENS_PER_CALL
+    tops = [Usage(input_tokens=top, output_tokens=top),
+            Usage(input_tokens=top, cache_write_tokens=top, output_tokens=top),
+            Usage(input_tokens=top, cache_write_tokens=top, cache_write_1h_tokens=top, output_tokens=top)]  # fmt: skip
+    bound = max(_price(book, u, model, endpoint=endpoint).cost_usd or 0.0 for u in tops)
+    assert got.cost_usd is not None and got.cost_usd <= bound
+
+
+@pytest.mark.parametrize("value", [-100.0, float("nan"), float("inf"), 1e300, -0.5, 10_000.5])
+def test_hostile_upstream_cost_never_becomes_cost_usd(book: PriceBook, value: float) -> None:
+    usage = Usage(input_tokens=1000, output_tokens=100, total_tokens=1100, upstream_cost_usd=value)
+    got = _price(book, usage, "openai/gpt-4o", upstream="openrouter", provider="openrouter")
+    # Ours for gpt-4o: 1000 * 2.5e-6 + 100 * 1e-5 = 0.0035; the rejected charge is not reported either.
+    assert got.cost_usd == approx(0.0035) and got.cost_source == "price_table" and got.upstream_cost_usd is None
+    unknown = _price(book, usage, "no-such-model-anywhere", provider="openrouter")
+    assert unknown == Cost(None, None, None, None, None)
+
+
+def test_price_table_rates_out_of_range_are_ignored() -> None:
+    nan, inf = float("nan"), float("inf")
+    book = PriceBook({
+        "neg-in": {"mode": "chat", "input_cost_per_token": -1e-6, "output_cost_per_token": 2e-6},
+        "huge-out": {"mode": "chat", "input_cost_per_token": 1e-6, "output_cost_per_token": 1e300},
+        "neg-cache": {"mode": "chat", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6,
+                      "cache_read_input_token_cost": -5e-7, "cache_creation_input_token_cost": nan},
+        "neg-tier": {"mode": "chat", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6,
+                     "input_cost_per_token_above_200k_tokens": -1.0, "output_cost_per_token_priority": inf},
+        "all-bad": {"mode": "chat", "input_cost_per_token": -1.0, "output_cost_per_token": 2.0},
+    }, "test")  # fmt: skip
+    usage = Usage(input_tokens=1000, cached_input_tokens=400, cache_write_tokens=100, output_tokens=10,
+                  total_tokens=1010)  # fmt: skip
+    # A rejected rate is as if the entry did not have it: input 0 when there is no input price at all.
+    assert _price(book, usage, "neg-in").cost_usd == approx(10 * 2e-6)
+    assert _price(book, usage, "huge-out").cost_usd == approx(1000 * 1e-6)
+    # Cache rates fall back to the input rate, as a missing one does: 1010 tokens at input and output rates.
+    assert _price(book, usage, "neg-cache").cost_usd == approx(1000 * 1e-6 + 10 * 2e-6)
+    tiered = Usage(input_tokens=300_000, output_tokens=10, total_tokens=300_010, service_tier="priority")
+    assert _price(book, tiered, "neg-tier").cost_usd == approx(300_000 * 1e-6 + 10 * 2e-6)
+    # No rate in range: the model counts as unpriced (null), never as a negative or huge charge.
+    assert _price(book, usage, "all-bad").cost_usd is None
+    assert book.match("all-bad") is None
+
+
+def test_custom_price_above_the_rate_bound_is_a_config_error() -> None:
+    with pytest.raises(ValueError) as excinfo:
+        parse_custom_prices([{"model": "a", "input": 1e300, "output": 1}])
+    assert str(excinfo.value) == (
+        "prices.custom[0].input: must be a number >= 0 and at most 1000000 (USD per million tokens)"
+    )
+    assert parse_custom_prices([{"model": "a", "input": 1e6, "output": 0}])[0].input == 1e6

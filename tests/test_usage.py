@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -102,7 +103,8 @@ OPENAI_CASES = [
     pytest.param(
         {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12, "cost": 0.5, "is_byok": True,
          "cost_details": {"upstream_inference_cost": "?"}},
-        Usage(input_tokens=10, output_tokens=2, total_tokens=12, upstream_cost_usd=0.5),
+        # With part of the charge garbage the whole is unknown: the fee alone would undercount it.
+        Usage(input_tokens=10, output_tokens=2, total_tokens=12, invalid=("upstream_cost_usd",)),
         id="openrouter-byok-garbage-details",
     ),
     pytest.param(
@@ -113,7 +115,7 @@ OPENAI_CASES = [
     ),
     pytest.param(
         {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": 10**400},
-        Usage(input_tokens=3, output_tokens=1, total_tokens=4),
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4, invalid=("upstream_cost_usd",)),
         id="cost-too-large-ignored",
     ),
     pytest.param(
@@ -123,12 +125,12 @@ OPENAI_CASES = [
     ),
     pytest.param(
         {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": "0.5"},
-        Usage(input_tokens=3, output_tokens=1, total_tokens=4),
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4, invalid=("upstream_cost_usd",)),
         id="cost-string-ignored",
     ),
     pytest.param(
         {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": True},
-        Usage(input_tokens=3, output_tokens=1, total_tokens=4),
+        Usage(input_tokens=3, output_tokens=1, total_tokens=4, invalid=("upstream_cost_usd",)),
         id="cost-bool-ignored",
     ),
     pytest.param(
@@ -147,23 +149,23 @@ OPENAI_CASES = [
     pytest.param(
         {"prompt_tokens": "12", "completion_tokens": None, "total_tokens": [1],
          "prompt_tokens_details": "x", "completion_tokens_details": 5},
-        Usage(),
+        Usage(invalid=("input_tokens", "total_tokens")),
         id="garbage-counts-zero",
     ),
     pytest.param(
         {"prompt_tokens": True, "completion_tokens": False, "total_tokens": True},
-        Usage(),
+        Usage(invalid=("input_tokens", "output_tokens", "total_tokens")),
         id="bools-count-zero",
     ),
     pytest.param(
         {"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": -2},
-        Usage(output_tokens=3, total_tokens=3),
+        Usage(output_tokens=3, total_tokens=3, invalid=("input_tokens", "total_tokens")),
         id="negative-counts-zero",
     ),
     pytest.param(
         {"prompt_tokens": math.nan, "completion_tokens": math.inf, "total_tokens": -math.inf,
          "prompt_tokens_details": {"cached_tokens": math.nan}, "cost": math.nan},
-        Usage(),
+        Usage(invalid=("input_tokens", "cached_input_tokens", "output_tokens", "total_tokens", "upstream_cost_usd")),
         id="non-finite-floats-count-zero",
     ),
     pytest.param(
@@ -197,7 +199,7 @@ def test_ollama_native() -> None:
     body = {"prompt_eval_count": 26, "eval_count": 282, "prompt_eval_cached_count": 10}
     assert U.from_ollama_native(body) == Usage(input_tokens=26, cached_input_tokens=10, output_tokens=282,
                                                total_tokens=308)  # fmt: skip
-    assert U.from_ollama_native({"eval_count": "x"}) == Usage()
+    assert U.from_ollama_native({"eval_count": "x"}) == Usage(invalid=("output_tokens",))
 
 
 # -- Anthropic Messages -------------------------------------------------------------------------
@@ -245,14 +247,15 @@ ANTHROPIC_CASES = [
     pytest.param(
         {"input_tokens": "5", "cache_read_input_tokens": [3], "cache_creation": "x", "output_tokens": {},
          "output_tokens_details": 7, "service_tier": 3},
-        Usage(),
+        Usage(invalid=("input_tokens", "cached_input_tokens", "output_tokens")),
         id="garbage-counts-zero",
     ),
     pytest.param(
         {"input_tokens": 5, "cache_creation_input_tokens": 2,
          "cache_creation": {"ephemeral_5m_input_tokens": "2", "ephemeral_1h_input_tokens": None},
          "output_tokens": 1},
-        Usage(input_tokens=7, cache_write_tokens=2, output_tokens=1, total_tokens=8),
+        Usage(input_tokens=7, cache_write_tokens=2, output_tokens=1, total_tokens=8,
+              invalid=("cache_write_5m_tokens",)),
         id="garbage-split-is-none",
     ),
 ]  # fmt: skip
@@ -292,7 +295,7 @@ RESPONSES_CASES = [
     ),
     pytest.param(
         {"input_tokens": None, "input_tokens_details": None, "output_tokens": "9", "output_tokens_details": []},
-        Usage(),
+        Usage(invalid=("output_tokens",)),
         id="garbage-counts-zero",
     ),
 ]  # fmt: skip
@@ -517,6 +520,11 @@ def _sane(u: Usage) -> None:
         value = getattr(u, name)
         assert value is None or (isinstance(value, int) and value >= 0), name
     assert u.total_tokens == u.input_tokens + u.output_tokens
+    # Input may add three counts (Anthropic: uncached + cache reads + cache writes), each within the bound.
+    assert u.input_tokens <= 3 * U.MAX_TOKENS_PER_CALL and u.output_tokens <= 2 * U.MAX_TOKENS_PER_CALL
+    cost = u.upstream_cost_usd
+    assert cost is None or (math.isfinite(cost) and 0 <= cost <= 2 * U.MAX_UPSTREAM_COST_USD), cost
+    assert set(u.invalid) <= set(U.FIELDS) and len(set(u.invalid)) == len(u.invalid)
 
 
 @settings(max_examples=50, deadline=None)
@@ -538,3 +546,232 @@ def test_absurd_counts_are_garbage_not_records_lost() -> None:
 
     u = from_openai({"prompt_tokens": 1e20, "completion_tokens": 2**60, "total_tokens": 1e25})
     assert (u.input_tokens, u.output_tokens, u.total_tokens) == (0, 0, 0)
+    assert u.invalid == ("input_tokens", "output_tokens", "total_tokens")
+
+
+# -- hostile usage (issue 11): counts and costs an upstream reports are validated, never trusted ----
+
+#: Values no count or charge may be believed to be: negative, non-finite, absurd, or not a number at all.
+HOSTILE = [
+    pytest.param(-1, id="negative"),
+    pytest.param(-100.0, id="negative-float"),
+    pytest.param(1e300, id="1e300"),
+    pytest.param(math.inf, id="inf"),
+    pytest.param(-math.inf, id="-inf"),
+    pytest.param(math.nan, id="nan"),
+    pytest.param(2**70, id="2**70"),
+    pytest.param(10**400, id="10**400"),
+    pytest.param("11", id="string"),
+    pytest.param(True, id="true"),
+    pytest.param(False, id="false"),
+    pytest.param([1], id="list"),
+    pytest.param({"n": 1}, id="object"),
+]
+
+# Per dialect: the path of one count in a valid block, the normalised fields it feeds (flagged when it
+# is rejected), and the field that then reads 0 (None for the optional 5m/1h split).
+FIELD_CASES = [
+    ("openai", ("prompt_tokens",), ("input_tokens",), "input_tokens"),
+    ("openai", ("completion_tokens",), ("output_tokens",), "output_tokens"),
+    ("openai", ("total_tokens",), ("total_tokens",), None),
+    ("openai", ("prompt_tokens_details", "cached_tokens"), ("cached_input_tokens",), "cached_input_tokens"),
+    ("openai", ("prompt_tokens_details", "cache_write_tokens"), ("cache_write_tokens",), "cache_write_tokens"),
+    ("openai", ("completion_tokens_details", "reasoning_tokens"), ("reasoning_tokens",), "reasoning_tokens"),
+    ("deepseek", ("prompt_cache_hit_tokens",), ("cached_input_tokens",), "cached_input_tokens"),
+    ("deepseek", ("prompt_cache_miss_tokens",), ("input_tokens",), None),
+    ("anthropic", ("input_tokens",), ("input_tokens",), None),
+    # A cache count is part of Anthropic's input total too: that total is then unknown as well.
+    ("anthropic", ("cache_read_input_tokens",), ("input_tokens", "cached_input_tokens"), "cached_input_tokens"),
+    ("anthropic", ("cache_creation_input_tokens",), ("input_tokens", "cache_write_tokens"), "cache_write_tokens"),
+    ("anthropic", ("cache_creation", "ephemeral_5m_input_tokens"), ("cache_write_5m_tokens",),
+     "cache_write_5m_tokens"),
+    ("anthropic", ("cache_creation", "ephemeral_1h_input_tokens"), ("cache_write_1h_tokens",),
+     "cache_write_1h_tokens"),
+    ("anthropic", ("output_tokens",), ("output_tokens",), "output_tokens"),
+    ("responses", ("input_tokens",), ("input_tokens",), "input_tokens"),
+    ("responses", ("output_tokens",), ("output_tokens",), "output_tokens"),
+    ("responses", ("input_tokens_details", "cached_tokens"), ("cached_input_tokens",), "cached_input_tokens"),
+    ("responses", ("output_tokens_details", "reasoning_tokens"), ("reasoning_tokens",), "reasoning_tokens"),
+    ("ollama", ("prompt_eval_count",), ("input_tokens",), "input_tokens"),
+    ("ollama", ("prompt_eval_cached_count",), ("cached_input_tokens",), "cached_input_tokens"),
+    ("ollama", ("eval_count",), ("output_tokens",), "output_tokens"),
+]  # fmt: skip
+
+
+def _valid_block(dialect: str) -> dict[str, Any]:
+    if dialect == "openai":
+        return {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+                "prompt_tokens_details": {"cached_tokens": 40, "cache_write_tokens": 10},
+                "completion_tokens_details": {"reasoning_tokens": 5}}  # fmt: skip
+    if dialect == "deepseek":
+        return {"completion_tokens": 20, "prompt_cache_hit_tokens": 40, "prompt_cache_miss_tokens": 60}
+    if dialect == "anthropic":
+        return {"input_tokens": 50, "cache_read_input_tokens": 40, "cache_creation_input_tokens": 10,
+                "cache_creation": {"ephemeral_5m_input_tokens": 6, "ephemeral_1h_input_tokens": 4},
+                "output_tokens": 20}  # fmt: skip
+    if dialect == "responses":
+        return {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 40}, "output_tokens": 20,
+                "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 120}  # fmt: skip
+    return {"prompt_eval_count": 100, "prompt_eval_cached_count": 40, "eval_count": 20}
+
+
+_PARSERS = {"openai": U.from_openai, "deepseek": U.from_openai, "anthropic": U.from_anthropic,
+            "responses": U.from_responses, "ollama": U.from_ollama_native}  # fmt: skip
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize(("dialect", "path", "fields", "zeroed"), FIELD_CASES)
+def test_hostile_count_is_flagged_and_never_trusted(dialect: str, path: tuple[str, ...], fields: tuple[str, ...],
+                                                    zeroed: str | None, value: Any) -> None:  # fmt: skip
+    parse = _PARSERS[dialect]
+    assert parse(_valid_block(dialect)).invalid == ()
+    raw = _valid_block(dialect)
+    holder = raw
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = value
+    got = parse(raw)
+    _sane(got)
+    assert got.invalid == tuple(f for f in U.FIELDS if f in fields)
+    if zeroed in ("cache_write_5m_tokens", "cache_write_1h_tokens"):
+        assert getattr(got, zeroed) is None
+    elif zeroed is not None:
+        assert getattr(got, zeroed) == 0
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_upstream_cost_is_flagged_and_ignored(value: Any) -> None:
+    base = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+    got = U.from_openai({**base, "cost": value})
+    assert got.upstream_cost_usd is None and got.invalid == ("upstream_cost_usd",)
+    assert (got.input_tokens, got.output_tokens) == (11, 3)  # the counts beside a bad cost still hold
+    # BYOK: a rejected provider part makes the whole charge unknown (the fee alone would undercount).
+    byok = U.from_openai({**base, "cost": 0.5, "is_byok": True, "cost_details": {"upstream_inference_cost": value}})
+    assert byok.upstream_cost_usd is None and byok.invalid == ("upstream_cost_usd",)
+
+
+def test_bounds_are_inclusive_and_documented_values() -> None:
+    assert U.MAX_TOKENS_PER_CALL == 100_000_000 and U.MAX_UPSTREAM_COST_USD == 10_000.0
+    top = U.MAX_TOKENS_PER_CALL
+    assert U.from_openai({"prompt_tokens": top, "completion_tokens": top}).invalid == ()
+    assert U.from_openai({"prompt_tokens": top + 1}).invalid == ("input_tokens",)
+    assert U.from_openai({"prompt_tokens": float(top) + 1.0}).invalid == ("input_tokens",)
+    assert U.from_openai({"prompt_tokens": 1, "cost": 10_000}).upstream_cost_usd == 10_000.0
+    assert U.from_openai({"prompt_tokens": 1, "cost": 10_000.01}).invalid == ("upstream_cost_usd",)
+    # OpenRouter BYOK: fee + provider part, and the sum is held to the same bound.
+    over = {"prompt_tokens": 1, "cost": 6000, "is_byok": True, "cost_details": {"upstream_inference_cost": 6000}}
+    assert U.from_openai(over).invalid == ("upstream_cost_usd",)
+    # A free call is a valid charge; a negative zero is written as a plain 0.
+    zero = U.from_openai({"prompt_tokens": 1, "cost": -0.0})
+    assert zero.upstream_cost_usd == 0.0 and math.copysign(1, zero.upstream_cost_usd) == 1.0 and not zero.invalid
+    assert U.valid_count(7.0) == 7 and U.valid_count(7.9) == 7 and U.valid_count(-0.0) == 0
+    assert U.valid_cost(0) == 0.0 and isinstance(U.valid_cost(0), float)
+
+
+def test_absent_or_null_fields_are_not_invalid() -> None:
+    raw = {"prompt_tokens": 5, "completion_tokens": None, "total_tokens": None, "cost": None,
+           "prompt_tokens_details": None, "completion_tokens_details": {"reasoning_tokens": None}}  # fmt: skip
+    assert U.from_openai(raw) == Usage(input_tokens=5, total_tokens=5)
+    assert U.from_anthropic({"input_tokens": 5, "cache_read_input_tokens": None, "cache_creation": None}).invalid == ()
+
+
+def test_thinking_tokens_are_not_derived_from_a_rejected_count() -> None:
+    # Gemini's hidden thinking tokens are total - prompt - completion: with prompt rejected as -5 that
+    # difference means nothing, so output stays the reported completion count.
+    got = U.from_openai({"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": 1000})
+    assert (got.output_tokens, got.reasoning_tokens, got.invalid) == (3, 0, ("input_tokens",))
+
+
+def test_service_tier_is_bounded() -> None:
+    # A tier is a short word; a huge string would otherwise be copied into every record.
+    assert U.from_anthropic({"input_tokens": 1, "service_tier": "x" * 4_000_000}).service_tier is None
+    assert U.from_openai({"prompt_tokens": 1}, "y" * 1000).service_tier is None
+    assert U.from_openai({"prompt_tokens": 1}, "priority").service_tier == "priority"
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=DICTS)
+def test_random_blocks_never_yield_untrusted_numbers(raw: dict[str, Any]) -> None:
+    for fn in (U.from_openai, U.from_anthropic, U.from_responses, U.from_raw, U.from_ollama_native):
+        got = fn(raw)
+        _sane(got)
+        fixed = U.with_estimates(got, 9, 3)
+        _sane(fixed)
+        assert not ({"input_tokens", "output_tokens"} & set(got.invalid)) or fixed.total_tokens > 0
+
+
+# -- replacing rejected counts by the proxy's estimate --------------------------------------------
+
+
+def test_with_estimates_replaces_rejected_input_and_output() -> None:
+    got = U.with_estimates(U.from_openai({"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": 14}), 9, 4)
+    assert (got.input_tokens, got.output_tokens, got.total_tokens) == (9, 3, 12)
+    assert got.invalid == ("input_tokens",)  # still says what the upstream got wrong
+    got = U.with_estimates(U.from_openai({"prompt_tokens": 11, "completion_tokens": 1e300}), 9, 4)
+    assert (got.input_tokens, got.output_tokens, got.total_tokens) == (11, 4, 15)
+
+
+def test_with_estimates_keeps_valid_usage_as_it_is() -> None:
+    valid = U.from_openai({"prompt_tokens": 11, "completion_tokens": 3, "cost": -1})
+    assert U.with_estimates(valid, 9, 4) is valid  # only a rejected cost: no count to replace
+    clean = U.from_openai({"prompt_tokens": 11, "completion_tokens": 3})
+    assert U.with_estimates(clean, 9, 4) is clean
+
+
+def test_with_estimates_never_goes_below_the_valid_parts() -> None:
+    # Anthropic: the uncached count is garbage but 5000 cache reads are known, so input is at least that.
+    raw = {"input_tokens": -1, "cache_read_input_tokens": 5000, "output_tokens": "x",
+           "output_tokens_details": {"reasoning_tokens": 40}}  # fmt: skip
+    got = U.with_estimates(U.from_anthropic(raw), 9, 4)
+    assert (got.input_tokens, got.cached_input_tokens, got.output_tokens, got.reasoning_tokens) == (5000, 5000, 40, 40)
+    assert got.total_tokens == 5040
+    assert U.with_estimates(U.from_anthropic({"input_tokens": -1}), -3, -3).input_tokens == 0
+
+
+# -- usage_raw in the record: bounded -----------------------------------------------------------
+
+
+def test_bounded_raw_keeps_small_blocks_verbatim() -> None:
+    assert U.bounded_raw(None) is None
+    raw = {"prompt_tokens": 11, "completion_tokens": 3, "note": "n" * 1000, "cost": -100}
+    assert U.bounded_raw(raw) is raw
+    at_cap = {"pad": ""}
+    at_cap["pad"] = "x" * (U.USAGE_RAW_MAX_BYTES - len(orjson.dumps(at_cap)))
+    assert len(orjson.dumps(at_cap)) == U.USAGE_RAW_MAX_BYTES and U.bounded_raw(at_cap) is at_cap
+
+
+def test_bounded_raw_cuts_a_4mb_string_and_keeps_the_counts() -> None:
+    raw = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14, "pad": "x" * (4 << 20)}
+    size = len(orjson.dumps(raw))
+    got = U.bounded_raw(raw)
+    assert got is not None and len(orjson.dumps(got)) <= U.USAGE_RAW_MAX_BYTES
+    assert got["_truncated"] is True and got["bytes"] == size
+    assert (got["prompt_tokens"], got["completion_tokens"], got["total_tokens"]) == (11, 3, 14)
+    assert got["pad"].startswith("x" * U.USAGE_RAW_MAX_STRING) and got["pad"].endswith(f"...({4 << 20} chars)")
+    assert len(raw["pad"]) == 4 << 20  # the meter's copy is not touched
+
+
+def test_bounded_raw_one_byte_over_is_truncated() -> None:
+    raw = {"pad": ""}
+    raw["pad"] = "x" * (U.USAGE_RAW_MAX_BYTES - len(orjson.dumps(raw)) + 1)
+    got = U.bounded_raw(raw)
+    assert got is not None and got["_truncated"] is True and got["bytes"] == U.USAGE_RAW_MAX_BYTES + 1
+
+
+def test_bounded_raw_too_many_keys_leaves_only_the_note() -> None:
+    raw = {f"k{i}": i for i in range(5000)}
+    assert U.bounded_raw(raw) == {"_truncated": True, "bytes": len(orjson.dumps(raw))}
+    huge_key = {"k" * (1 << 20): 1, "prompt_tokens": 2}
+    got = U.bounded_raw(huge_key)
+    assert got is not None and got["prompt_tokens"] == 2 and len(orjson.dumps(got)) <= U.USAGE_RAW_MAX_BYTES
+
+
+def test_bounded_raw_of_what_orjson_cannot_write() -> None:
+    # orjson reads 1024 levels but writes 255: a record holding such a block could not be written at all.
+    deep: Any = 1
+    for _ in range(300):
+        deep = [deep]
+    got = U.bounded_raw({"prompt_tokens": 11, "deep": deep, "big": 2**70})
+    assert got is not None and got["_truncated"] is True and got["bytes"] is None and got["prompt_tokens"] == 11
+    assert got["big"] == float(2**70)
+    assert len(orjson.dumps(got)) <= U.USAGE_RAW_MAX_BYTES
