@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any
@@ -20,12 +20,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import errors, providers, routes
+from proxy import errors, providers, redact, routes
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
 from proxy.meter import Meter, estimate_input_tokens, estimate_output_tokens
 from proxy.records import ErrorInfo, JsonlSink, Record
-from proxy.usage import Usage
+from proxy.usage import Usage, bounded_raw, with_estimates
 
 log = logging.getLogger("metering_proxy")
 
@@ -81,10 +81,11 @@ class Call:
     __slots__ = (
         "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "path", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "extra_headers", "delivered",
+        "request_obj", "up", "extra_headers", "delivered", "secrets", "request_headers",
     )  # fmt: skip
 
-    def __init__(self, endpoint: routes.Endpoint | None, method: str, path: str) -> None:
+    def __init__(self, endpoint: routes.Endpoint | None, method: str, path: str, secrets: redact.Secrets,
+                 request_headers: Mapping[str, str]) -> None:  # fmt: skip
         self.t0 = perf_counter()
         self.ts = time.time()
         self.request_id = "req_" + os.urandom(12).hex()
@@ -111,10 +112,19 @@ class Call:
         """Headers a pre-forward check wants on the client's response (e.g. budget spend)."""
         self.delivered = False
         """The stream's final event reached the client: a hang-up after it loses nothing."""
+        self.secrets = secrets.with_call(request_headers)
+        """The proxy's secrets plus this client's credentials: masked in all this call sends out."""
+        self.request_headers = request_headers
 
     def fail(self, category: str, detail: str) -> ErrorInfo:
-        """Mark the call failed (first failure wins) and return its error."""
+        """Mark the call failed (first failure wins) and return its error.
+
+        The detail may quote the upstream, which may quote the request or a key: secrets are masked by
+        value, the text is cut where it starts echoing the request, key-shaped strings are masked.
+        """
         if self.error is None:
+            detail = redact.cut_echo(self.secrets.mask(detail), redact.request_text(self.request_headers,
+                                                                                    self.request_obj))  # fmt: skip
             self.error = ErrorInfo(category=category, id=errors.new_error_id(), detail=errors.scrub(detail))
         return self.error
 
@@ -154,6 +164,7 @@ class Forwarder:
         self._local = {u.name: providers.is_local(u.base_url) for u in cfg.upstreams}
         self._bases = {u.name: URL(u.base_url) for u in cfg.upstreams}
         self.passthrough_rules = routes.Passthrough(cfg.passthrough)
+        self.secrets = redact.from_config(cfg)
         self._learned: dict[str, str] = {}
         """Providers told by an upstream's responses (its URL said nothing): they hold for all its endpoints."""
         # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
@@ -207,11 +218,12 @@ class Forwarder:
             out[key] = value
         return out
 
-    def _client_headers(self, up: aiohttp.ClientResponse, call: Call | None) -> CIMultiDict[str]:
+    def _client_headers(self, up: aiohttp.ClientResponse, call: Call | None,
+                        secrets: redact.Secrets) -> CIMultiDict[str]:  # fmt: skip
         out: CIMultiDict[str] = CIMultiDict()
         for key, value in up.headers.items():
             if key.lower() not in _RESPONSE_DROP:
-                out.add(key, value)
+                out.add(key, secrets.mask(value))
         if call is not None:
             # The upstream's x-request-id / request-id pass untouched: the SDK reports them as the id to
             # quote to the provider. The proxy's own id goes beside them.
@@ -290,9 +302,10 @@ class Forwarder:
         """Answer a call refused before it is read (bad path, no proxy key): one record, run_id null."""
         route = request.get(routes.ROUTE)
         if route is not None:
-            call = Call(route.endpoint, request.method, route.path)
+            call = Call(route.endpoint, request.method, route.path, self.secrets, request.headers)
         else:  # the path itself was refused: record what was asked for, bounded
-            call = Call(None, request.method, request.raw_path.partition("?")[0][:200])
+            call = Call(None, request.method, request.raw_path.partition("?")[0][:200], self.secrets,
+                        request.headers)  # fmt: skip
         call.status = exc.status
         err = call.fail(exc.category, exc.message)
         self._record(call)
@@ -300,7 +313,7 @@ class Forwarder:
 
     async def metered(self, request: web.Request, endpoint: routes.Endpoint) -> web.StreamResponse:
         """Forward one LLM call and record exactly one line for it, whatever happens."""
-        call = Call(endpoint, request.method, endpoint.path)
+        call = Call(endpoint, request.method, endpoint.path, self.secrets, request.headers)
         try:
             return await self._metered(request, call)
         except ProxyError as exc:
@@ -428,10 +441,12 @@ class Forwarder:
                 f"The upstream closed the connection before its response was complete: {type(exc).__name__}"
             ) from None
         meter = call.meter
-        headers = self._client_headers(up, call)
+        headers = self._client_headers(up, call, call.secrets)
         if up.status >= 400:
             err = call.fail(errors.category_for_status(up.status), _error_detail(body, up.status))
             headers["X-Meter-Error-Id"] = err.id
+            # An upstream that echoes the key the proxy injected must not hand it to a client who never had it.
+            body = call.secrets.mask_bytes(body)
         elif up.status >= 300:
             # Never followed (the next host would get our key and the prompt); the client decides.
             try:
@@ -457,7 +472,7 @@ class Forwarder:
 
     async def _stream(self, request: web.Request, call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
         meter = call.meter
-        resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, call))
+        resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, call, call.secrets))
         content = up.content
         try:
             await resp.prepare(request)
@@ -474,13 +489,15 @@ class Forwarder:
                     break
                 out = meter.feed(chunk, perf_counter())
                 if out:
-                    await resp.write(out)
+                    # An in-band error may quote the injected key (a secret split across two reads is
+                    # not caught: the stream is never held back to look for one).
+                    await resp.write(call.secrets.mask_bytes(out))
                 # Clients stop reading at the final event (the sync SDK closes at [DONE]): from here on
                 # a hang-up is not an abort.
                 call.delivered = meter.done
             tail = meter.finish(perf_counter())
             if tail:
-                await resp.write(tail)
+                await resp.write(call.secrets.mask_bytes(tail))
             if call.error is None:
                 self._check_stream_end(call)
             if call.error is not None and call.error.category in ("timeout", "stream_interrupted"):
@@ -522,6 +539,12 @@ class Forwarder:
         else:
             usage = Usage()
             source = "none"
+        if usage.invalid:
+            # Counts the upstream got wrong (negative, not finite, absurd) are not believed: estimate them.
+            fixed = with_estimates(usage, estimate_input_tokens(call.request_obj or {}),
+                                   estimate_output_tokens(meter.output_chars))  # fmt: skip
+            if fixed is not usage:
+                usage, source = fixed, "estimated"
         if call.error is None and meter.error_category is not None:
             call.fail(meter.error_category, meter.error_detail or "error in the response")
         duration = (end - call.t0) * 1000
@@ -569,7 +592,8 @@ class Forwarder:
             reasoning_tokens=usage.reasoning_tokens,
             total_tokens=usage.total_tokens,
             usage_source=source,
-            usage_raw=meter.usage_raw,
+            usage_raw=bounded_raw(meter.usage_raw),
+            usage_invalid=usage.invalid,
             stream_usage_injected=call.injected,
             ttfb_ms=_ms(call.t0, call.ttfb),
             ttft_ms=ttft,
@@ -585,7 +609,7 @@ class Forwarder:
             upstream_cost_usd=usage.upstream_cost_usd,
             service_tier=usage.service_tier,
         )
-        self.sink.write(call.run_id, record.to_json())
+        self.sink.write(call.run_id, call.secrets.mask_bytes(record.to_json()))
         if call.error is not None:
             # One line per failed call, so every X-Meter-Error-Id can be found; the detail stays in the
             # record (it may quote the upstream), the log gets only what the proxy itself decided.
@@ -617,11 +641,12 @@ class Forwarder:
         upstream = (self.router.pick(model) if isinstance(model, str) else None) or self.cfg.upstreams[0]
         url = self._url(upstream, route, request)
         up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
+        secrets = self.secrets.with_call(request.headers)
         try:
-            resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, None))
+            resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, None, secrets))
             await resp.prepare(request)
             while chunk := await up.content.readany():
-                await resp.write(chunk)
+                await resp.write(secrets.mask_bytes(chunk))
             await resp.write_eof()
             return resp
         finally:
@@ -668,10 +693,14 @@ def _error_detail(body: bytes, status: int) -> str:
         return f"upstream answered {status}: {text}"
     err = obj.get("error", obj) if isinstance(obj, dict) else obj
     if isinstance(err, dict):
-        message = err.get("message") or err.get("type") or ""
-        return f"upstream answered {status}: {message}"
+        # The structured fields first: they say what went wrong without quoting anything, and survive
+        # the cut of a message that starts echoing the request.
+        fields = " ".join(f"{k}={v}" for k in ("type", "code", "param")
+                          if isinstance(v := err.get(k), str | int) and not isinstance(v, bool)
+                          and len(str(v)) <= 64 and str(v).replace("_", "").replace(".", "").isalnum())  # fmt: skip
+        message = err.get("message") or ""
+        return f"upstream answered {status}" + (f" ({fields})" if fields else "") + f": {message}"
     return f"upstream answered {status}: {err}"
-
 
 
 def _stream_error_event(endpoint: str, error: ErrorInfo) -> bytes:

@@ -137,6 +137,7 @@ class Record:
     cost_breakdown: dict[str, float] | None = None
     upstream_cost_usd: float | None = None
     service_tier: str | None = None
+    usage_invalid: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         """Return the record as one JSON line, newline included."""
