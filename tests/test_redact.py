@@ -149,3 +149,33 @@ async def test_no_canary_and_no_secret_leaves_the_proxy(tmp_path: Path, caplog: 
 def test_base_url_password_is_a_secret() -> None:
     cfg = Config(upstreams=(Upstream(name="u", base_url="http://me:s3cr3t-password@host/v1"),))
     assert "s3cr3t-password" in redact.from_config(cfg).values
+
+
+async def test_base_url_password_never_reaches_a_record_a_log_or_the_client(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as sock:  # a port nothing listens on: the upstream is unreachable
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    password = "pw-" + pysecrets.token_hex(10)
+    cfg = Config(runs_dir=tmp_path / "runs", flush_interval_s=0.05,
+                 upstreams=(Upstream(name="u", base_url=f"http://me:{password}@127.0.0.1:{port}/v1"),))  # fmt: skip
+    proxy = TestServer(make_app(cfg), host="127.0.0.1")
+    await proxy.start_server()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(proxy.make_url("/v1/chat/completions"), json={"model": "m", "messages": []},
+                              headers={"X-Run-Id": "pw"}) as r:  # fmt: skip
+                assert r.status == 502
+                answer = await r.read()
+        await proxy.app[SINK].flush()
+    finally:
+        await proxy.close()
+    record = (tmp_path / "runs" / "pw.jsonl").read_bytes()
+    assert b"connection_error" in record and b"127.0.0.1" in answer
+    log = "\n".join(r.getMessage() for r in caplog.records).encode()
+    for where in (answer, record, log):
+        assert password.encode() not in where and b"me:" not in where
