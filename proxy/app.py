@@ -85,7 +85,10 @@ def route_middleware(forwarder: Forwarder) -> Callable[..., Awaitable[web.Stream
 
 def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
     """Build the proxy application for a configuration."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.max_body_bytes)
+    # Request bodies are decoded by proxy.body, in small steps between which other calls run: aiohttp's
+    # decoder inflated a compression bomb up to the size limit in one go, stalling every call in flight.
+    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.max_body_bytes,
+                          handler_args={"auto_decompress": False})  # fmt: skip
     app[CONFIG] = cfg
     app[SINK] = sink = JsonlSink(cfg.runs_dir, cfg.flush_interval_s, fsync=cfg.fsync == "batch")
     # The client session needs a running loop: _resources plugs it in at start-up.

@@ -96,6 +96,8 @@ class Config:
     upstreams: tuple[Upstream, ...] = (Upstream(name="default", base_url=DEFAULT_UPSTREAM),)
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_bytes: int = 32 * 1024 * 1024
+    client_body_timeout_s: float = 30.0
+    """How long a client may take to send its whole request body before it gets 408."""
     max_header_bytes: int = 16 * 1024
     max_connections: int = 1000
     flush_interval_s: float = 0.2
@@ -191,6 +193,14 @@ def normalise_base_url(url: str, key: str) -> str:
     return url.rstrip("/")
 
 
+def _positive(raw: dict[str, Any], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    # Zero would refuse every body; infinity (or NaN) would bring back clients that never finish.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise _fail(key, f"must be a number > 0 (got {value!r})")
+    return float(value)
+
+
 def _upstream(raw: Any, i: int) -> Upstream:
     path = f"upstreams[{i}]."
     if not isinstance(raw, dict):
@@ -232,7 +242,7 @@ def _upstream(raw: Any, i: int) -> Upstream:
 
 
 TOP_KEYS = {
-    "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes",
+    "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes", "client_body_timeout_s",
     "max_header_bytes", "max_connections", "flush_interval_ms", "fsync", "on_record_failure",
     "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access", "passthrough",
 }  # fmt: skip
@@ -364,6 +374,7 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         upstreams=upstreams,
         timeouts=timeouts,
         max_body_bytes=_num(raw, "max_body_bytes", "", d.max_body_bytes, integer=True, minimum=1),
+        client_body_timeout_s=_positive(raw, "client_body_timeout_s", d.client_body_timeout_s),
         max_header_bytes=_num(raw, "max_header_bytes", "", d.max_header_bytes, integer=True, minimum=1024),
         max_connections=_num(raw, "max_connections", "", d.max_connections, integer=True),
         flush_interval_s=_num(raw, "flush_interval_ms", "", d.flush_interval_s * 1000, minimum=1) / 1000,

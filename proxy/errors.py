@@ -29,6 +29,7 @@ CATEGORIES = frozenset(
         "unknown_path",  # a path (or method) under /v1, /api or /run that the proxy does not serve
         "stream_interrupted",  # upstream closed the stream before it was complete
         "client_aborted",  # the client went away before the response was complete
+        "client_timeout",  # the client did not send its whole request body within client_body_timeout_s
         "recording_unavailable",  # the runs dir cannot be written and calls are refused
         "proxy_shutdown",  # the proxy stopped before the call finished (grace period ran out)
         "budget_exceeded",  # the run's USD/token budget is spent, or this call's reservation would cross it
@@ -49,6 +50,8 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     category: str = "unknown"
+    close_connection: bool = False
+    """Answer with Connection: close: the rest of the request will not be read (RFC 9110 15.5.9)."""
 
     def __init__(
         self,
@@ -102,6 +105,13 @@ class UnsupportedMediaType(BadRequest):
     status = 415
 
 
+class ClientBodyTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    category = "client_timeout"
+    close_connection = True
+
+
 class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
@@ -142,12 +152,15 @@ def render(exc: ProxyError, error_id: str, request_id: str | None = None) -> web
     headers = {"X-Meter-Error-Id": error_id}
     if request_id:
         headers["X-Meter-Request-Id"] = request_id
-    return web.Response(
+    resp = web.Response(
         status=exc.status,
         body=error_body(exc.message, exc.type, exc.code or exc.category, exc.param),
         content_type="application/json",
         headers=headers,
     )
+    if exc.close_connection:
+        resp.force_close()
+    return resp
 
 
 def category_for_status(status: int) -> str:

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import errors, providers, redact, routes
+from proxy.body import read_body
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
 from proxy.meter import Meter, estimate_input_tokens, estimate_output_tokens
@@ -367,15 +368,7 @@ class Forwarder:
                 " -H 'Content-Type: application/json'.",
                 param="Content-Type",
             )
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise errors.PayloadTooLarge(
-                f"Request body is larger than the proxy's limit of {self.cfg.max_body_bytes} bytes"
-                " (max_body_bytes)."
-            ) from None
-        except web.RequestPayloadError as exc:
-            raise _undecodable(request, exc) from None
+        body = await read_body(request, self.cfg.max_body_bytes, self.cfg.client_body_timeout_s)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -626,10 +619,7 @@ class Forwarder:
 
     async def passthrough(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
         """Forward an allow-listed path unmetered (e.g. GET /v1/models), streaming the answer back."""
-        try:
-            body = await request.read()
-        except web.RequestPayloadError as exc:
-            raise _undecodable(request, exc) from None
+        body = await read_body(request, self.cfg.max_body_bytes, self.cfg.client_body_timeout_s)
         model: Any = None
         if route.path.startswith("/v1/models/"):
             model = route.path.removeprefix("/v1/models/")  # GET /v1/models/{id}: ask the model's upstream
