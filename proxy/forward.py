@@ -37,7 +37,7 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Responses are decompressed on the way in (so usage can be read) and sent on uncompressed.
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
-# aiohttp decodes gzip/deflate/br request bodies too, and the decoded body is what goes upstream.
+# Request bodies are decoded by proxy.body (gzip/deflate), and the decoded body is what goes upstream.
 # accept-encoding too: the client's list may name codings aiohttp cannot decode (br, zstd), and
 # usage must be read; aiohttp advertises what it can decode, and the client gets identity anyway.
 _REQUEST_DROP = _HOP_BY_HOP | {"content-encoding", "accept-encoding"}
@@ -164,6 +164,7 @@ class Forwarder:
         self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
         self._local = {u.name: providers.is_local(u.base_url) for u in cfg.upstreams}
         self._bases = {u.name: URL(u.base_url) for u in cfg.upstreams}
+        self._urls: dict[tuple[str, str], URL] = {}
         self.passthrough_rules = routes.Passthrough(cfg.passthrough)
         self.secrets = redact.from_config(cfg)
         self._learned: dict[str, str] = {}
@@ -253,12 +254,17 @@ class Forwarder:
 
     def _url(self, upstream: Upstream, route: routes.Route, request: web.Request) -> URL:
         """The upstream URL: exactly the canonical path under base_url, built so nothing re-resolves it."""
-        base = self._bases[upstream.name]
-        if route.path.startswith("/api/") and base.path.endswith("/v1"):
-            base = base.with_path(base.path[:-3])  # Ollama's native API lives beside /v1, at the server's root
         query = request.rel_url.raw_query_string
-        target = base.raw_path.rstrip("/") + route.upstream_tail() + (f"?{query}" if query else "")
-        return URL(str(base.origin()) + target, encoded=True)
+        key = (upstream.name, route.path)
+        url = self._urls.get(key)
+        if url is None:
+            base = self._bases[upstream.name]
+            if route.path.startswith("/api/") and base.path.endswith("/v1"):
+                base = base.with_path(base.path[:-3])  # Ollama's native API lives beside /v1, at the root
+            url = URL(str(base.origin()) + base.raw_path.rstrip("/") + route.upstream_tail(), encoded=True)
+            if len(self._urls) < 4096:  # a flood of distinct pass-through paths is just not cached
+                self._urls[key] = url
+        return URL(f"{url}?{query}", encoded=True) if query else url
 
     async def _send(self, method: str, url: URL, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
         """Send the request upstream and return once its status and headers are in.
@@ -651,15 +657,6 @@ async def expect_continue(request: web.Request) -> None:
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the start of the response
-
-
-def _undecodable(request: web.Request, exc: Exception) -> ProxyError:
-    """A request body that aiohttp could not decode (bad gzip, broken chunking): the client's fault."""
-    enc = request.headers.get("Content-Encoding")
-    how = f" as its Content-Encoding {enc[:40]!r} says" if enc else ""
-    why = str(exc).replace("\n", " ").split("message:")[-1].strip()
-    return errors.BadRequest(f"The request body could not be decoded{how}: {why}",
-                             param="Content-Encoding" if enc else None)  # fmt: skip
 
 
 async def _rejects_stream_options(up: aiohttp.ClientResponse) -> bool:

@@ -140,8 +140,22 @@ def _shown(raw: str) -> str:
     return raw if len(raw) <= _MAX_SHOWN else raw[:_MAX_SHOWN] + "..."
 
 
+_RESOLVED: dict[tuple[str, str], Route] = {}
+_MAX_RESOLVED = 4096  # clients use a handful of paths; a flood of distinct ones just is not cached
+
+
 def resolve(raw_path: str, method: str) -> Route:
     """Read a request's path: its canonical API path, run id and metered endpoint (InvalidPath if unsafe)."""
+    key = (raw_path, method)
+    route = _RESOLVED.get(key)
+    if route is None:
+        route = _resolve(raw_path, method)
+        if len(_RESOLVED) < _MAX_RESOLVED:
+            _RESOLVED[key] = route
+    return route
+
+
+def _resolve(raw_path: str, method: str) -> Route:
     canonical = path = canonical_path(raw_path)
     run_id = None
     if path.startswith("/run/"):
