@@ -82,7 +82,7 @@ class Call:
     __slots__ = (
         "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "path", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "extra_headers", "delivered", "secrets", "request_headers",
+        "request_obj", "up", "extra_headers", "delivered", "secrets", "credentials", "request_headers",
     )  # fmt: skip
 
     def __init__(self, endpoint: routes.Endpoint | None, method: str, path: str, secrets: redact.Secrets,
@@ -113,8 +113,10 @@ class Call:
         """Headers a pre-forward check wants on the client's response (e.g. budget spend)."""
         self.delivered = False
         """The stream's final event reached the client: a hang-up after it loses nothing."""
-        self.secrets = secrets.with_call(request_headers)
-        """The proxy's secrets plus this client's credentials: masked in all this call sends out."""
+        self.secrets = secrets
+        """The proxy's secrets: masked in all this call sends out."""
+        self.credentials = redact.credentials(request_headers)
+        """This client's own credentials: masked in its record and in error answers."""
         self.request_headers = request_headers
 
     def fail(self, category: str, detail: str) -> ErrorInfo:
@@ -124,8 +126,8 @@ class Call:
         value, the text is cut where it starts echoing the request, key-shaped strings are masked.
         """
         if self.error is None:
-            detail = redact.cut_echo(self.secrets.mask(detail), redact.request_text(self.request_headers,
-                                                                                    self.request_obj))  # fmt: skip
+            needles = redact.request_text(self.request_headers, self.request_obj)
+            detail = redact.cut_echo(self.secrets.mask(detail, self.credentials), needles)
             self.error = ErrorInfo(category=category, id=errors.new_error_id(), detail=errors.scrub(detail))
         return self.error
 
@@ -221,11 +223,12 @@ class Forwarder:
         return out
 
     def _client_headers(self, up: aiohttp.ClientResponse, call: Call | None,
-                        secrets: redact.Secrets) -> CIMultiDict[str]:  # fmt: skip
+                        credentials: tuple[str, ...]) -> CIMultiDict[str]:  # fmt: skip
         out: CIMultiDict[str] = CIMultiDict()
+        mask = self.secrets.mask
         for key, value in up.headers.items():
             if key.lower() not in _RESPONSE_DROP:
-                out.add(key, secrets.mask(value))
+                out.add(key, mask(value, credentials))
         if call is not None:
             # The upstream's x-request-id / request-id pass untouched: the SDK reports them as the id to
             # quote to the provider. The proxy's own id goes beside them.
@@ -440,12 +443,12 @@ class Forwarder:
                 f"The upstream closed the connection before its response was complete: {type(exc).__name__}"
             ) from None
         meter = call.meter
-        headers = self._client_headers(up, call, call.secrets)
+        headers = self._client_headers(up, call, call.credentials)
         if up.status >= 400:
             err = call.fail(errors.category_for_status(up.status), _error_detail(body, up.status))
             headers["X-Meter-Error-Id"] = err.id
             # An upstream that echoes the key the proxy injected must not hand it to a client who never had it.
-            body = call.secrets.mask_bytes(body)
+            body = call.secrets.mask_bytes(body, call.credentials)
         elif up.status >= 300:
             # Never followed (the next host would get our key and the prompt); the client decides.
             try:
@@ -471,7 +474,7 @@ class Forwarder:
 
     async def _stream(self, request: web.Request, call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
         meter = call.meter
-        resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, call, call.secrets))
+        resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, call, call.credentials))
         content = up.content
         try:
             await resp.prepare(request)
@@ -489,8 +492,9 @@ class Forwarder:
                 out = meter.feed(chunk, perf_counter())
                 if out:
                     # An in-band error may quote the injected key (a secret split across two reads is
-                    # not caught: the stream is never held back to look for one).
-                    await resp.write(call.secrets.mask_bytes(out))
+                    # not caught: the stream is never held back to look for one). The client's own key
+                    # is looked for only in what may be an error event: content chunks are the hot path.
+                    await resp.write(call.secrets.mask_bytes(out, call.credentials if b"rror" in out else ()))
                 # Clients stop reading at the final event (the sync SDK closes at [DONE]): from here on
                 # a hang-up is not an abort.
                 call.delivered = meter.done
@@ -608,7 +612,7 @@ class Forwarder:
             upstream_cost_usd=usage.upstream_cost_usd,
             service_tier=usage.service_tier,
         )
-        self.sink.write(call.run_id, call.secrets.mask_bytes(record.to_json()))
+        self.sink.write(call.run_id, call.secrets.mask_bytes(record.to_json(), call.credentials))
         if call.error is not None:
             # One line per failed call, so every X-Meter-Error-Id can be found; the detail stays in the
             # record (it may quote the upstream), the log gets only what the proxy itself decided.
@@ -637,12 +641,12 @@ class Forwarder:
         upstream = (self.router.pick(model) if isinstance(model, str) else None) or self.cfg.upstreams[0]
         url = self._url(upstream, route, request)
         up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
-        secrets = self.secrets.with_call(request.headers)
+        credentials = redact.credentials(request.headers)
         try:
-            resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, None, secrets))
+            resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, None, credentials))
             await resp.prepare(request)
             while chunk := await up.content.readany():
-                await resp.write(secrets.mask_bytes(chunk))
+                await resp.write(self.secrets.mask_bytes(chunk, credentials))
             await resp.write_eof()
             return resp
         finally:

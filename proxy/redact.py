@@ -18,6 +18,7 @@ from yarl import URL
 from proxy.config import Config
 
 MASK = "[redacted]"
+_MASK_BYTES = MASK.encode()
 #: Shorter values are not masked: they are placeholders, not keys ("ollama", "EMPTY", "sk-test"), and
 #: masking them would deface records ("provider": "ollama").
 MIN_SECRET_LEN = 10
@@ -47,28 +48,40 @@ class Secrets:
         # Longest first: a secret that contains another is masked whole.
         self._forms = tuple(sorted(forms, key=len, reverse=True))
 
-    def with_call(self, headers: Mapping[str, str]) -> Secrets:
-        """These secrets plus the credentials a client sent with one call."""
-        extra = []
-        for name, value in headers.items():
-            if name.lower() in CREDENTIAL_HEADERS and value:
-                extra.append(value)
-                scheme, _, token = value.partition(" ")
-                if token and scheme.lower() in ("bearer", "basic"):
-                    extra.append(token.strip())
-        return Secrets((*self.values, *extra)) if extra else self
-
-    def mask_bytes(self, data: bytes) -> bytes:
+    def mask_bytes(self, data: bytes, extra: tuple[str, ...] = ()) -> bytes:
+        """data with every secret masked, and the extra values (a call's credentials) too."""
         for form in self._forms:
             if form in data:
-                data = data.replace(form, MASK.encode())
+                data = data.replace(form, _MASK_BYTES)
+        for value in extra:
+            raw = value.encode("utf-8", "surrogateescape")
+            if raw in data:
+                data = data.replace(raw, _MASK_BYTES)
+            escaped = orjson.dumps(value)[1:-1]
+            if escaped != raw and escaped in data:
+                data = data.replace(escaped, _MASK_BYTES)
         return data
 
-    def mask(self, text: str) -> str:
-        for value in self.values:
+    def mask(self, text: str, extra: tuple[str, ...] = ()) -> str:
+        """text with every secret masked, and the extra values (a call's credentials) too."""
+        for value in (*self.values, *extra):
             if value in text:
                 text = text.replace(value, MASK)
         return text
+
+
+def credentials(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The credentials a client sent with one call (header values, and the token of a Bearer/Basic one)."""
+    found: list[str] = []
+    for name in CREDENTIAL_HEADERS:
+        value = headers.get(name)
+        if value:
+            found.append(value)
+            scheme, _, token = value.partition(" ")
+            if token and scheme.lower() in ("bearer", "basic"):
+                found.append(token.strip())
+    # Longest first: "Bearer <key>" is masked whole, then a bare "<key>".
+    return tuple(sorted((v for v in found if len(v) >= MIN_SECRET_LEN), key=len, reverse=True))
 
 
 def from_config(cfg: Config) -> Secrets:

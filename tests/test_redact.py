@@ -28,12 +28,15 @@ def test_mask_by_value_in_text_bytes_and_json() -> None:
     assert orjson.loads(s.mask_bytes(line)) == {"m": "x [redacted] y", "k": "[redacted]"}
 
 
-def test_with_call_adds_the_clients_credentials() -> None:
-    s = redact.Secrets(["configured-secret-1"]).with_call(
-        {"Authorization": "Bearer sk-client-abcdefghij", "x-api-key": "anthropic-client-key", "api-key": "k"}
-    )
-    text = "a sk-client-abcdefghij b anthropic-client-key c configured-secret-1 d k"
-    assert s.mask(text) == "a [redacted] b [redacted] c [redacted] d k"
+def test_a_calls_credentials_are_masked_too() -> None:
+    from multidict import CIMultiDict
+
+    sent = {"Authorization": "Bearer sk-client-abcdefghij", "X-Api-Key": "anthropic-client-key", "api-key": "k"}
+    creds = redact.credentials(CIMultiDict(sent))
+    s = redact.Secrets(["configured-secret-1"])
+    text = "a Bearer sk-client-abcdefghij b anthropic-client-key c configured-secret-1 d k"
+    assert s.mask(text, creds) == "a [redacted] b [redacted] c [redacted] d k"
+    assert s.mask_bytes(text.encode(), creds) == b"a [redacted] b [redacted] c [redacted] d k"
 
 
 def test_cut_echo_at_the_first_quote_of_the_request() -> None:
