@@ -36,10 +36,17 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise _too_large(max_bytes, decoded=False)  # no need to wait for a body that cannot be taken
+    content = request.content
+    if coding is None and content.is_eof():
+        # The usual small call: the whole body came in with the headers. No deadline to arm.
+        body = await content.read()
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes, decoded=False)
+        return body
     reader = _Reader(coding, max_bytes)
     try:
         async with asyncio.timeout(timeout_s):
-            return await reader.read(request.content)
+            return await reader.read(content)
     except TimeoutError:
         of = f" of {declared}" if declared is not None else ""
         raise errors.ClientBodyTimeout(
