@@ -146,7 +146,7 @@ def _choice(raw: dict[str, Any], key: str, default: str, choices: tuple[str, ...
     return str(value)
 
 
-def _check_keys(raw: dict[str, Any], allowed: set[str], path: str) -> None:
+def _check_keys(raw: dict[str, Any], allowed: frozenset[str], path: str) -> None:
     for key in raw:
         if key not in allowed:
             raise _fail(f"{path}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -205,8 +205,7 @@ def _upstream(raw: Any, i: int) -> Upstream:
     path = f"upstreams[{i}]."
     if not isinstance(raw, dict):
         raise _fail(f"upstreams[{i}]", "must be a mapping")
-    allowed = {"name", "base_url", "provider", "api_key_env", "headers", "models", "inject_stream_usage"}
-    _check_keys(raw, allowed, path)
+    _check_keys(raw, KEYS["upstreams[]"], path)
     name = _str(raw, "name", path, None)
     if name is None:
         raise _fail(f"{path}name", "is required")
@@ -241,10 +240,21 @@ def _upstream(raw: Any, i: int) -> Upstream:
     )
 
 
-TOP_KEYS = {
-    "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes", "client_body_timeout_s",
-    "max_header_bytes", "max_connections", "flush_interval_ms", "fsync", "on_record_failure",
-    "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access", "passthrough",
+#: Every config key, by section ("" is the top level): the parser, the docs test and nothing else read it.
+KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({
+        "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes",
+        "client_body_timeout_s", "max_header_bytes", "max_connections", "flush_interval_ms", "fsync",
+        "on_record_failure", "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access",
+        "passthrough",
+    }),
+    "upstreams[]": frozenset({"name", "base_url", "provider", "api_key_env", "headers", "models",
+                              "inject_stream_usage"}),
+    "timeouts": frozenset({"connect_s", "read_s", "total_s"}),
+    "prices": frozenset({"file", "custom"}),
+    "budgets": frozenset({"default", "runs"}),
+    "budgets.runs[]": frozenset({"match", "usd", "tokens"}),
+    "access": frozenset({"proxy_keys", "proxy_keys_env", "admin_token", "admin_token_env"}),
 }  # fmt: skip
 
 
@@ -267,7 +277,7 @@ def _passthrough(raw: Any) -> tuple[str, ...]:
 def _limits(raw: Any, path: str, match: str | None) -> BudgetRule:
     if not isinstance(raw, dict):
         raise _fail(path.rstrip("."), "must be a mapping with usd and/or tokens")
-    _check_keys(raw, {"usd", "tokens"} if match is None else {"match", "usd", "tokens"}, path)
+    _check_keys(raw, KEYS["budgets.runs[]"] - {"match"} if match is None else KEYS["budgets.runs[]"], path)
     usd = _num(raw, "usd", path, None, allow_none=True)
     if usd is not None and (not math.isfinite(usd) or usd > 1e12):
         raise _fail(f"{path}usd", "must be a finite number up to 1e12 (omit it for no limit)")
@@ -282,7 +292,7 @@ def _budgets(raw: Any) -> Budgets:
         return Budgets()
     if not isinstance(raw, dict):
         raise _fail("budgets", "must be a mapping with default and/or runs")
-    _check_keys(raw, {"default", "runs"}, "budgets.")
+    _check_keys(raw, KEYS["budgets"], "budgets.")
     default_raw = raw.get("default")
     default = BudgetRule() if default_raw is None else _limits(default_raw, "budgets.default.", None)
     runs_raw = raw.get("runs") or []
@@ -309,7 +319,7 @@ def _access(raw: Any) -> Access:
         return Access()
     if not isinstance(raw, dict):
         raise _fail("access", "must be a mapping")
-    _check_keys(raw, {"proxy_keys", "proxy_keys_env", "admin_token", "admin_token_env"}, "access.")
+    _check_keys(raw, KEYS["access"], "access.")
     keys = raw.get("proxy_keys") or []
     if isinstance(keys, str):
         keys = [keys]
@@ -326,7 +336,7 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
     """Build a Config from a parsed YAML mapping, failing on the first bad key."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the file must hold a mapping of keys")
-    _check_keys(raw, TOP_KEYS, "")
+    _check_keys(raw, KEYS[""], "")
     d = Config()
     runs_dir = _str(raw, "runs_dir", "", str(d.runs_dir))
     run_id = _str(raw, "default_run_id", "", d.default_run_id)
@@ -345,7 +355,7 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
     t_raw = raw.get("timeouts") or {}
     if not isinstance(t_raw, dict):
         raise _fail("timeouts", "must be a mapping")
-    _check_keys(t_raw, {"connect_s", "read_s", "total_s"}, "timeouts.")
+    _check_keys(t_raw, KEYS["timeouts"], "timeouts.")
     timeouts = Timeouts(
         connect_s=_num(t_raw, "connect_s", "timeouts.", d.timeouts.connect_s, allow_none=True),
         read_s=_num(t_raw, "read_s", "timeouts.", d.timeouts.read_s, allow_none=True),
@@ -354,7 +364,7 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
     prices = raw.get("prices") or {}
     if not isinstance(prices, dict):
         raise _fail("prices", "must be a mapping")
-    _check_keys(prices, {"file", "custom"}, "prices.")
+    _check_keys(prices, KEYS["prices"], "prices.")
     prices_file = _str(prices, "file", "prices.", None)
     custom: tuple[Any, ...] = ()
     if prices.get("custom") is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,29 @@ def test_budgets_and_access_parse() -> None:
     assert cfg.budgets == C.Budgets(default=C.BudgetRule(usd=20, tokens=5_000_000),
                                     runs=(C.BudgetRule(match="eval-*", usd=2.5),))  # fmt: skip
     assert cfg.access == C.Access(proxy_keys=("k1", "k2"), admin_token="adm")
+
+
+def _config_rows() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| `")]
+
+
+@pytest.mark.parametrize(("section", "key"), sorted((s, k) for s, keys in C.KEYS.items() for k in keys))
+def test_every_config_key_is_documented(section: str, key: str) -> None:
+    """README's config table and config/proxy.yaml name every key the parser accepts."""
+    rows = _config_rows()
+    if section:
+        assert any(f"`{section}" in row and key in row for row in rows), (section, key)
+    else:
+        assert any(re.search(rf"`{re.escape(key)}(\[\])?[`.]", row.split("|")[1]) for row in rows), key
+    yaml_text = (ROOT / "config" / "proxy.yaml").read_text(encoding="utf-8")
+    assert re.search(rf"^[#\s-]*{re.escape(key)}:", yaml_text, re.MULTILINE), (section, key)
+
+
+def test_no_documented_key_is_unknown() -> None:
+    """Every top-level key in the config table is one the parser accepts (no stale docs)."""
+    for row in _config_rows():
+        first = row.split("|")[1]
+        name = re.match(r"\s*`([a-z_]+)", first)
+        assert name and name.group(1) in C.KEYS[""], row
