@@ -56,3 +56,23 @@ def test_scrub_keeps_useful_messages_and_limits_length() -> None:
     msg = "Invalid 'messages[0].content': string too long. Expected a string with maximum length 10485760."
     assert errors.scrub(msg) == msg
     assert len(errors.scrub("x" * 5000)) == 200
+
+
+def test_every_category_the_code_names_is_known_and_documented() -> None:
+    """A typo in a call.fail("...") would silently make a new category: none may exist."""
+    import re
+    from pathlib import Path
+
+    from proxy.errors import CATEGORIES
+
+    root = Path(__file__).resolve().parents[1]
+    source = "\n".join(p.read_text(encoding="utf-8") for p in sorted((root / "proxy").glob("*.py")))
+    named = set(re.findall(r"""\.fail\(\s*["']([a-z_]+)["']""", source))
+    named |= set(re.findall(r"""\bcategory\s*=\s*["']([a-z_]+)["']""", source))
+    named |= set(re.findall(r"""_error\(\s*["']([a-z_]+)["']""", source))
+    assert len(named) >= 10
+    assert named <= CATEGORIES, named - CATEGORIES
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    table = readme.split("`error.category` is one of:", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE))
+    assert documented == CATEGORIES, (CATEGORIES - documented, documented - CATEGORIES)
