@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import errors, providers, redact, routes
+from proxy import errors, redact, routes, upstreams
 from proxy.body import read_body
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
@@ -30,50 +29,13 @@ from proxy.usage import Usage, bounded_raw, with_estimates
 
 log = logging.getLogger("metering_proxy")
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes; never forwarded either way.
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect"}
-)  # fmt: skip
-# Responses are decompressed on the way in (so usage can be read) and sent on uncompressed.
-_RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
-# Request bodies are decoded by proxy.body (gzip/deflate), and the decoded body is what goes upstream.
-# accept-encoding too: the client's list may name codings aiohttp cannot decode (br, zstd), and
-# usage must be read; aiohttp advertises what it can decode, and the client gets identity anyway.
-_REQUEST_DROP = _HOP_BY_HOP | {"content-encoding", "accept-encoding"}
 _CONSUMED = frozenset({"x-run-id", "x-task-name"})
-# Providers whose API refuses stream_options (and sends stream usage unasked).
-_NO_STREAM_OPTIONS = frozenset({"mistral"})
-_TAG_PREFIX = "x-meter-tag-"
+_TAG_PREFIX = upstreams.TAG_PREFIX
 _MAX_TAGS = 32
 _MAX_TAG_LEN = 256
 
 
 Check = Callable[["Call", web.Request, dict[str, Any]], Awaitable[None]]
-
-
-class Router:
-    """Pick the upstream for a model: the first upstream with a matching glob wins."""
-
-    def __init__(self, upstreams: tuple[Upstream, ...]) -> None:
-        self.upstreams = upstreams
-        self._rules = [(re.compile(fnmatch.translate(p)), u) for u in upstreams for p in u.models]
-        self._cache: dict[str, Upstream | None] = {}
-
-    def pick(self, model: str) -> Upstream | None:
-        """Return the upstream serving model, or None."""
-        try:
-            return self._cache[model]
-        except KeyError:
-            pass
-        found = next((u for rx, u in self._rules if rx.match(model)), None)
-        if len(self._cache) < 10_000:
-            self._cache[model] = found
-        return found
-
-    def patterns(self) -> str:
-        """Describe the routes for an error message."""
-        return "; ".join(f"{u.name}: {', '.join(u.models)}" for u in self.upstreams)
 
 
 class Call:
@@ -161,25 +123,11 @@ class Forwarder:
         self.session = session
         self.sink = sink
         self.pricebook = pricebook
-        self.router = Router(cfg.upstreams)
+        self.upstreams = upstreams.Upstreams(cfg)
+        self.router = self.upstreams.router
         self.shutting_down = False
-        self._url_provider = {u.name: u.provider or providers.from_url(u.base_url) for u in cfg.upstreams}
-        self._local = {u.name: providers.is_local(u.base_url) for u in cfg.upstreams}
-        self._bases = {u.name: URL(u.base_url) for u in cfg.upstreams}
-        self._urls: dict[tuple[str, str], URL] = {}
         self.passthrough_rules = routes.Passthrough(cfg.passthrough)
         self.secrets = redact.from_config(cfg)
-        self._learned: dict[str, str] = {}
-        """Providers told by an upstream's responses (its URL said nothing): they hold for all its endpoints."""
-        # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
-        self._auth = {
-            u.name: (("x-api-key", os.environ[u.api_key_env]) if self._url_provider[u.name] == "anthropic"
-                     else ("Authorization", f"Bearer {os.environ[u.api_key_env]}"))
-            for u in cfg.upstreams
-            if u.api_key_env
-        }  # fmt: skip
-        self._no_stream_options = {u.name for u in cfg.upstreams if self._url_provider[u.name] in _NO_STREAM_OPTIONS}
-        """Upstreams that answer a request carrying stream_options with an error (configured or learned)."""
         self.checks: list[Check] = []
         """Run before a call is forwarded, in order; raise a ProxyError to refuse it (budgets)."""
         self.observers: list[Callable[[Record], None]] = []
@@ -203,32 +151,11 @@ class Forwarder:
         return run_id
 
     def _upstream_headers(self, request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        consumed = self.consumed_headers
-        # RFC 9110 7.6.1: headers the client names in Connection are hop-by-hop too; drop them.
-        named = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
-        for key, value in request.headers.items():
-            low = key.lower()
-            if low in _REQUEST_DROP or low in consumed or low.startswith(_TAG_PREFIX) or low in named:
-                continue
-            out.add(key, value)
-        auth = self._auth.get(upstream.name)
-        if auth is not None:
-            # The injected key replaces whatever credentials the client sent, in either header.
-            out.popall("Authorization", None)
-            out.popall("x-api-key", None)
-            out[auth[0]] = auth[1]
-        for key, value in upstream.headers:
-            out[key] = value
-        return out
+        return self.upstreams.request_headers(request.headers, upstream, self.consumed_headers)
 
     def _client_headers(self, up: aiohttp.ClientResponse, call: Call | None,
                         credentials: tuple[str, ...]) -> CIMultiDict[str]:  # fmt: skip
-        out: CIMultiDict[str] = CIMultiDict()
-        mask = self.secrets.mask
-        for key, value in up.headers.items():
-            if key.lower() not in _RESPONSE_DROP:
-                out.add(key, mask(value, credentials))
+        out = upstreams.client_headers(up.headers, self.secrets.mask, credentials)
         if call is not None:
             # The upstream's x-request-id / request-id pass untouched: the SDK reports them as the id to
             # quote to the provider. The proxy's own id goes beside them.
@@ -241,7 +168,7 @@ class Forwarder:
         """The body of a chat/completions stream: usage asked for, or stream_options left out."""
         options = obj.get("stream_options")
         call.injected = call.meter.strip_usage = False
-        if upstream.name in self._no_stream_options:
+        if self.upstreams.refuses_stream_options(upstream):
             # The server refuses the field, even when the client sent it; such servers (Mistral) put
             # usage on their last chunk unasked, so the client still gets it.
             if options is None:
@@ -255,20 +182,6 @@ class Forwarder:
         call.injected = call.meter.strip_usage = True
         return orjson.dumps({**obj, "stream_options": merged})
 
-    def _url(self, upstream: Upstream, route: routes.Route, request: web.Request) -> URL:
-        """The upstream URL: exactly the canonical path under base_url, built so nothing re-resolves it."""
-        query = request.rel_url.raw_query_string
-        key = (upstream.name, route.path)
-        url = self._urls.get(key)
-        if url is None:
-            base = self._bases[upstream.name]
-            if route.path.startswith("/api/") and base.path.endswith("/v1"):
-                base = base.with_path(base.path[:-3])  # Ollama's native API lives beside /v1, at the root
-            url = URL(str(base.origin()) + base.raw_path.rstrip("/") + route.upstream_tail(), encoded=True)
-            if len(self._urls) < 4096:  # a flood of distinct pass-through paths is just not cached
-                self._urls[key] = url
-        return URL(f"{url}?{query}", encoded=True) if query else url
-
     async def _send(self, method: str, url: URL, body: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
         """Send the request upstream and return once its status and headers are in.
 
@@ -276,7 +189,7 @@ class Forwarder:
         and (on 307/308) the prompt. A 3xx goes back to the client as it is.
         """
         assert self.session is not None, "the app's cleanup_ctx opens the session"
-        where = self._shown_url(url)
+        where = upstreams.shown_url(url)
         try:
             return await self.session.request(method, url, data=body or None, headers=headers,
                                               allow_redirects=False)  # fmt: skip
@@ -286,11 +199,6 @@ class Forwarder:
             raise errors.UpstreamUnreachable(
                 f"Could not reach the upstream at {where}: {type(exc).__name__}: {exc}"
             ) from None
-
-    @staticmethod
-    def _shown_url(url: URL) -> str:
-        """An upstream URL fit for an error message: no userinfo, no query."""
-        return str(url.with_user(None).with_query(None)) if url.user or url.password else str(url.with_query(None))
 
     # -- metered endpoints -----------------------------------------------------------------
 
@@ -403,14 +311,14 @@ class Forwarder:
                 param="model", code="model_not_found",
             )  # fmt: skip
         call.upstream = upstream
-        call.provider = self._url_provider[upstream.name]
+        call.provider = self.upstreams.provider(upstream, None, None, None)  # configured or learned so far
         for check in self.checks:
             await check(call, request, obj)
         original = body
         usage_stream = call.stream and call.meter.endpoint in ("chat", "completions")
         if usage_stream:
             body = self._stream_options(call, upstream, obj, original)
-        url = self._url(upstream, request[routes.ROUTE], request)
+        url = self.upstreams.url(upstream, request[routes.ROUTE], request.rel_url.raw_query_string)
         up_headers = self._upstream_headers(request, upstream)
         up = await self._send(request.method, url, body, up_headers)
         if usage_stream and (body is not original or "stream_options" in obj):
@@ -418,11 +326,7 @@ class Forwarder:
                 # Some servers refuse the field outright (Mistral: 422 extra_forbidden); the call must not
                 # fail over it. Once per upstream: from now on its streams go without it.
                 up.release()
-                if upstream.name not in self._no_stream_options:
-                    self._no_stream_options.add(upstream.name)
-                    log.warning("upstream %s rejects stream_options (HTTP %s): its streams are sent without it"
-                                " from now on; their usage comes from the stream itself or is estimated",
-                                upstream.name, up.status)  # fmt: skip
+                self.upstreams.learn_refuses_stream_options(upstream, up.status)
                 body = self._stream_options(call, upstream, obj, original)
                 up = await self._send(request.method, url, body, up_headers)
         call.up = up
@@ -557,13 +461,9 @@ class Forwarder:
         tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window >= 1 else None
         provider = call.provider
         upstream_name = call.upstream.name if call.upstream else None
-        if provider is None and upstream_name is not None:
-            provider = self._learned.get(upstream_name)
-            if provider is None and call.up is not None:
-                provider = providers.from_response(call.up.headers, meter.provider_hint, meter.usage_raw,
-                                                   local=self._local[upstream_name])  # fmt: skip
-                if provider is not None:
-                    self._learned[upstream_name] = provider
+        if provider is None and call.upstream is not None:
+            headers = call.up.headers if call.up is not None else None
+            provider = self.upstreams.provider(call.upstream, headers, meter.provider_hint, meter.usage_raw)
         cost = None
         if self.pricebook is not None and source != "none":
             cost = self.pricebook.price(
@@ -639,7 +539,7 @@ class Forwarder:
             except (orjson.JSONDecodeError, AttributeError):
                 model = None
         upstream = (self.router.pick(model) if isinstance(model, str) else None) or self.cfg.upstreams[0]
-        url = self._url(upstream, route, request)
+        url = self.upstreams.url(upstream, route, request.rel_url.raw_query_string)
         up = await self._send(request.method, url, body, self._upstream_headers(request, upstream))
         credentials = redact.credentials(request.headers)
         try:
