@@ -11,7 +11,7 @@ run file that are not JSON objects are skipped.
 Concurrency: every call admitted under a limit reserves an estimate of its cost, released when its
 record arrives, and a call is refused when spend + reservations in flight + its own reservation
 would cross the limit. The reservation prices the request's estimated input tokens
-(``meter.estimate_input_tokens``: 1 token per 4 characters) plus its output cap (the largest of
+(``usage.estimate_input_tokens``: 1 token per 4 characters) plus its output cap (the largest of
 ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``, times ``n`` or ``best_of``;
 ``UNCAPPED_OUTPUT_RESERVE`` tokens when the request sets none; none for embeddings) at the price
 table's rates. Hence the bound, for a run whose limit does not change: final spend <= limit + the
@@ -36,9 +36,8 @@ from aiohttp import web
 
 from proxy import errors
 from proxy.config import BudgetRule, Budgets
-from proxy.meter import estimate_input_tokens
 from proxy.records import JsonlSink, Record, open_run_file
-from proxy.usage import Usage
+from proxy.usage import Usage, estimate_input_tokens
 
 if TYPE_CHECKING:
     from proxy.forward import Call, Forwarder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import re
@@ -23,9 +22,9 @@ from proxy import errors, redact, routes, upstreams
 from proxy.body import read_body
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
-from proxy.meter import Meter, estimate_input_tokens, estimate_output_tokens
-from proxy.records import ErrorInfo, JsonlSink, Record
-from proxy.usage import Usage, bounded_raw, with_estimates
+from proxy.meter import Meter
+from proxy.records import ErrorInfo, JsonlSink, Record, cost_fields, usage_fields
+from proxy.usage import bounded_raw, settle
 
 log = logging.getLogger("metering_proxy")
 
@@ -429,29 +428,9 @@ class Forwarder:
     def _record(self, call: Call) -> None:
         end = perf_counter()
         meter = call.meter
-        usage = meter.usage()
-        if usage is not None and not meter.usage_final:
-            # A stream cut before its final usage: keep the reported input side, estimate output.
-            out = max(usage.output_tokens, estimate_output_tokens(meter.output_chars))
-            usage = dataclasses.replace(usage, output_tokens=out, total_tokens=usage.input_tokens + out)
-            source = "estimated"
-        elif usage is not None:
-            source = "upstream"
-        elif call.ttfb is not None and call.status < 400 and call.request_obj is not None:
-            # Billed but unreported (no usage from the server, or a stream cut short): estimate.
-            out = estimate_output_tokens(meter.output_chars)
-            inp = estimate_input_tokens(call.request_obj)
-            usage = Usage(input_tokens=inp, output_tokens=out, total_tokens=inp + out)
-            source = "estimated"
-        else:
-            usage = Usage()
-            source = "none"
-        if usage.invalid:
-            # Counts the upstream got wrong (negative, not finite, absurd) are not believed: estimate them.
-            fixed = with_estimates(usage, estimate_input_tokens(call.request_obj or {}),
-                                   estimate_output_tokens(meter.output_chars))  # fmt: skip
-            if fixed is not usage:
-                usage, source = fixed, "estimated"
+        billed = call.ttfb is not None and call.status < 400
+        usage, source = settle(meter.usage(), final=meter.usage_final, output_chars=meter.output_chars,
+                               request=call.request_obj, billed=billed)  # fmt: skip
         if call.error is None and meter.error_category is not None:
             call.fail(meter.error_category, meter.error_detail or "error in the response")
         duration = (end - call.t0) * 1000
@@ -486,17 +465,6 @@ class Forwarder:
             status=call.status,
             success=call.error is None and 0 < call.status < 400,
             finish_reason=meter.finish_reason,
-            input_tokens=usage.input_tokens,
-            cached_input_tokens=usage.cached_input_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            cache_write_5m_tokens=usage.cache_write_5m_tokens,
-            cache_write_1h_tokens=usage.cache_write_1h_tokens,
-            output_tokens=usage.output_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            total_tokens=usage.total_tokens,
-            usage_source=source,
-            usage_raw=bounded_raw(meter.usage_raw),
-            usage_invalid=usage.invalid,
             stream_usage_injected=call.injected,
             ttfb_ms=_ms(call.t0, call.ttfb),
             ttft_ms=ttft,
@@ -505,12 +473,8 @@ class Forwarder:
             server_timing=meter.server_timing,
             upstream_request_id=call.upstream_request_id,
             error=call.error,
-            cost_usd=cost.cost_usd if cost else None,
-            cost_source=cost.cost_source if cost else None,
-            price_model=cost.price_model if cost else None,
-            cost_breakdown=cost.breakdown if cost else None,
-            upstream_cost_usd=usage.upstream_cost_usd,
-            service_tier=usage.service_tier,
+            **usage_fields(usage, source, bounded_raw(meter.usage_raw)),
+            **cost_fields(cost),
         )
         self.sink.write(call.run_id, call.secrets.mask_bytes(record.to_json(), call.credentials))
         if call.error is not None:

@@ -380,7 +380,7 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-#: How deep _text_len/_all_text look: real payloads nest a few levels; orjson accepts 1024, which
+#: How deep _text_len looks: real payloads nest a few levels; orjson accepts 1024, which
 #: would overflow Python's recursion limit (RecursionError out of read_body or the record).
 _MAX_DEPTH = 32
 
@@ -402,36 +402,4 @@ def _text_len(value: Any, depth: int = 0) -> int:
             if key in value:
                 total += _text_len(value[key], depth + 1)
         return total
-    return 0
-
-
-def estimate_input_tokens(request: dict[str, Any]) -> int:
-    """Estimate prompt tokens from the request: 1 token per 4 characters, plus 4 per message."""
-    chars = 0
-    messages = 0
-    for key in ("messages", "prompt", "input", "system", "instructions", "tools"):
-        value = request.get(key)
-        if value is not None:
-            chars += _all_text(value)
-            if key == "messages" and isinstance(value, list):
-                messages += len(value)
-    return (chars + 3) // 4 + 4 * messages + (3 if messages else 0)
-
-
-def estimate_output_tokens(chars: int) -> int:
-    """Estimate completion tokens from generated characters: 1 token per 4 characters."""
-    return (chars + 3) // 4
-
-
-def _all_text(value: Any, depth: int = 0) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if depth >= _MAX_DEPTH:  # see _MAX_DEPTH: a deeply nested request must not raise
-        return 0
-    if isinstance(value, list):
-        return sum(_all_text(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        # Inline images and audio are base64: their length says nothing about tokens.
-        skip = ("image_url", "data", "input_audio")
-        return sum(_all_text(v, depth + 1) for k, v in value.items() if k not in skip)
     return 0

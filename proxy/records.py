@@ -17,9 +17,14 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
+
+from proxy.usage import Usage
+
+if TYPE_CHECKING:
+    from proxy.pricing import Cost
 
 log = logging.getLogger("metering_proxy.records")
 
@@ -148,6 +153,35 @@ class Record:
             # surrogateescape), and integers past 64 bits, are refused by orjson; a record is never
             # lost over one header value or one absurd number.
             return orjson.dumps(_clean(dataclasses.asdict(self)), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def usage_fields(usage: Usage, source: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    """The record fields that say what a call used: the one place a Usage maps onto a Record."""
+    return {
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "cache_write_5m_tokens": usage.cache_write_5m_tokens,
+        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+        "output_tokens": usage.output_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "total_tokens": usage.total_tokens,
+        "usage_source": source,
+        "usage_raw": raw,
+        "usage_invalid": usage.invalid,
+        "upstream_cost_usd": usage.upstream_cost_usd,
+        "service_tier": usage.service_tier,
+    }
+
+
+def cost_fields(cost: Cost | None) -> dict[str, Any]:
+    """The record fields that say what a call cost: the one place a Cost maps onto a Record."""
+    return {
+        "cost_usd": cost.cost_usd if cost else None,
+        "cost_source": cost.cost_source if cost else None,
+        "price_model": cost.price_model if cost else None,
+        "cost_breakdown": cost.breakdown if cost else None,
+    }
 
 
 def _clean(value: Any) -> Any:

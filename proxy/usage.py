@@ -380,3 +380,71 @@ def _count(out: dict[str, float], key: str, value: Any) -> None:
 def _put(out: dict[str, float], key: str, value: Any, scale: float) -> None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         out[key] = round(float(value) * scale, 3)
+
+
+# -- estimation: when the upstream reports no usage (or usage that cannot be believed) -------------
+
+#: How deep _all_text looks: real payloads nest a few levels; orjson accepts 1024, which would
+#: overflow Python's recursion limit.
+_MAX_DEPTH = 32
+
+
+def estimate_input_tokens(request: dict[str, Any]) -> int:
+    """Estimate prompt tokens from the request: 1 token per 4 characters, plus 4 per message."""
+    chars = 0
+    messages = 0
+    for key in ("messages", "prompt", "input", "system", "instructions", "tools"):
+        value = request.get(key)
+        if value is not None:
+            chars += _all_text(value)
+            if key == "messages" and isinstance(value, list):
+                messages += len(value)
+    return (chars + 3) // 4 + 4 * messages + (3 if messages else 0)
+
+
+def estimate_output_tokens(chars: int) -> int:
+    """Estimate completion tokens from generated characters: 1 token per 4 characters."""
+    return (chars + 3) // 4
+
+
+def _all_text(value: Any, depth: int = 0) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if depth >= _MAX_DEPTH:  # a deeply nested request must not overflow the recursion limit
+        return 0
+    if isinstance(value, list):
+        return sum(_all_text(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        # Inline images and audio are base64: their length says nothing about tokens.
+        skip = ("image_url", "data", "input_audio")
+        return sum(_all_text(v, depth + 1) for k, v in value.items() if k not in skip)
+    return 0
+
+
+def settle(reported: Usage | None, *, final: bool, output_chars: int, request: dict[str, Any] | None,
+           billed: bool) -> tuple[Usage, str]:  # fmt: skip
+    """The usage a record shows, and its source: upstream, estimated or none.
+
+    reported: what the upstream said (None: nothing); final: False for a stream cut before its final
+    usage; output_chars: generated characters seen; billed: the upstream answered and did not fail
+    before any output, so the call costs something even when nothing was reported.
+    """
+    if reported is not None and not final:
+        # A stream cut before its final usage: keep the reported input side, estimate output.
+        out = max(reported.output_tokens, estimate_output_tokens(output_chars))
+        usage = dataclasses.replace(reported, output_tokens=out, total_tokens=reported.input_tokens + out)
+        source = "estimated"
+    elif reported is not None:
+        usage, source = reported, "upstream"
+    elif billed and request is not None:
+        out = estimate_output_tokens(output_chars)
+        inp = estimate_input_tokens(request)
+        usage, source = Usage(input_tokens=inp, output_tokens=out, total_tokens=inp + out), "estimated"
+    else:
+        return Usage(), "none"
+    if usage.invalid:
+        # Counts the upstream got wrong (negative, not finite, absurd) are not believed: estimate them.
+        fixed = with_estimates(usage, estimate_input_tokens(request or {}), estimate_output_tokens(output_chars))
+        if fixed is not usage:
+            usage, source = fixed, "estimated"
+    return usage, source

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.meter import Meter, estimate_input_tokens
+from proxy.meter import Meter
 from proxy.sse import Event, SSEDecoder
+from proxy.usage import estimate_input_tokens
 from tests.conftest import load_case, payload_cases
 
 USAGE_FIELDS = (

@@ -775,3 +775,23 @@ def test_bounded_raw_of_what_orjson_cannot_write() -> None:
     assert got is not None and got["_truncated"] is True and got["bytes"] is None and got["prompt_tokens"] == 11
     assert got["big"] == float(2**70)
     assert len(orjson.dumps(got)) <= U.USAGE_RAW_MAX_BYTES
+
+
+# -- settle: the usage a record shows -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reported", "final", "billed", "expected", "source"),
+    [
+        (U.Usage(input_tokens=10, output_tokens=2, total_tokens=12), True, True, (10, 2), "upstream"),
+        # A stream cut before its final usage: input as reported, output from the 40 characters seen.
+        (U.Usage(input_tokens=10, output_tokens=1, total_tokens=11), False, True, (10, 10), "estimated"),
+        (None, True, True, (9, 10), "estimated"),  # billed, nothing reported: both estimated
+        (None, True, False, (0, 0), "none"),  # refused or failed before the upstream answered
+    ],
+)
+def test_settle(reported: U.Usage | None, final: bool, billed: bool, expected: tuple[int, int], source: str) -> None:
+    request = {"messages": [{"role": "user", "content": "hi"}]}
+    usage, got_source = U.settle(reported, final=final, output_chars=40, request=request, billed=billed)
+    assert (usage.input_tokens, usage.output_tokens) == expected and got_source == source
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens or got_source == "upstream"
