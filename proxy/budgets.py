@@ -135,9 +135,9 @@ def _header_limit(request: web.Request, name: str, usd: bool) -> Limit | None:
     return Limit(round(value * UNITS) if usd else int(value), f"{name} header")
 
 
-def output_reserve(obj: dict[str, Any], endpoint: str) -> int:
+def output_reserve(obj: dict[str, Any], dialect: str) -> int:
     """Output tokens a call may produce: its largest cap times n/best_of, or the uncapped reserve."""
-    if endpoint == "embeddings":
+    if dialect == "embeddings":
         return 0
     caps = [v for k in _CAP_FIELDS if isinstance(v := obj.get(k), int) and not isinstance(v, bool) and v > 0]
     out = max(caps) if caps else UNCAPPED_OUTPUT_RESERVE
@@ -254,7 +254,7 @@ class BudgetTracker:
             raise errors.RecordingUnavailable(f"Cannot read the records of run {run_id!r} to enforce its"
                                               f" budget: {run.failed}")  # fmt: skip
         est_in = estimate_input_tokens(obj)
-        est_out = output_reserve(obj, call.meter.endpoint)
+        est_out = output_reserve(obj, call.meter.dialect)
         r_usd = 0
         r_tok = est_in + est_out if tok_limit is not None else 0
         if usd_limit is not None:
@@ -264,7 +264,7 @@ class BudgetTracker:
                 cost = self.pricebook.price(
                     Usage(input_tokens=est_in, output_tokens=est_out, total_tokens=est_in + est_out),
                     model=None, requested_model=call.requested_model, upstream=call.upstream.name,
-                    provider=call.provider, endpoint=call.meter.endpoint,
+                    provider=call.provider, dialect=call.meter.dialect,
                 )  # fmt: skip
                 r_usd = to_units(cost.cost_usd)
         if tok_limit is not None:

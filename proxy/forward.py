@@ -314,7 +314,7 @@ class Forwarder:
         for check in self.checks:
             await check(call, request, obj)
         original = body
-        usage_stream = call.stream and call.meter.endpoint in ("chat", "completions")
+        usage_stream = call.stream and call.meter.dialect in ("chat", "completions")
         if usage_stream:
             body = self._stream_options(call, upstream, obj, original)
         url = self.upstreams.url(upstream, request[routes.ROUTE], request.rel_url.raw_query_string)
@@ -407,7 +407,7 @@ class Forwarder:
             if call.error is None:
                 self._check_stream_end(call)
             if call.error is not None and call.error.category in ("timeout", "stream_interrupted"):
-                await resp.write(_stream_error_event(meter.endpoint, call.error))
+                await resp.write(_stream_error_event(meter.dialect, call.error))
             await resp.write_eof()
         except ConnectionError:
             if not call.delivered:
@@ -447,7 +447,7 @@ class Forwarder:
         if self.pricebook is not None and source != "none":
             cost = self.pricebook.price(
                 usage, model=meter.model, requested_model=call.requested_model, upstream=upstream_name,
-                provider=provider, endpoint=meter.endpoint,
+                provider=provider, dialect=meter.dialect,
             )  # fmt: skip
         record = Record(
             ts=_iso(call.ts),
@@ -558,18 +558,18 @@ def _error_detail(body: bytes, status: int) -> str:
     return f"upstream answered {status}: {err}"
 
 
-def _stream_error_event(endpoint: str, error: ErrorInfo) -> bytes:
+def _stream_error_event(dialect: str, error: ErrorInfo) -> bytes:
     """The error event that ends a broken stream, in the client's own protocol."""
     message = f"metering-proxy: {error.detail} (error id {error.id})"
     kind = "timeout_error" if error.category == "timeout" else "api_error"
     payload: dict[str, Any]
-    if endpoint == "messages":
+    if dialect == "messages":
         payload = {"type": "error", "error": {"type": kind, "message": message}}
         return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
-    if endpoint == "responses":
+    if dialect == "responses":
         payload = {"type": "error", "code": error.category, "message": message, "param": None}
         return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
-    if endpoint == "ollama":  # Ollama's own mid-stream error: an NDJSON {"error": "..."} line
+    if dialect == "ollama":  # Ollama's own mid-stream error: an NDJSON {"error": "..."} line
         return b"\n" + orjson.dumps({"error": message}) + b"\n"
     payload = {"error": {"message": message, "type": "server_error", "param": None, "code": error.category}}
     return b"\n\ndata: " + orjson.dumps(payload) + b"\n\n"

@@ -48,13 +48,13 @@ class Meter:
     """Collects what one response reveals about usage, timing and errors."""
 
     __slots__ = (
-        "endpoint", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
+        "dialect", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
         "service_tier", "usage_final", "_anthropic_usage", "_overhead", "_line",
     )  # fmt: skip
 
-    def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
-        self.endpoint = endpoint
+    def __init__(self, dialect: str, strip_usage: bool = False) -> None:
+        self.dialect = dialect
         self.strip_usage = strip_usage
         self.decoder = SSEDecoder()
         self.usage_raw: dict[str, Any] | None = None
@@ -80,7 +80,7 @@ class Meter:
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Meter one stream chunk; return the bytes to pass on (the chunk itself unless stripping)."""
-        if self.endpoint == "ollama":
+        if self.dialect == "ollama":
             self._ndjson(chunk, now)
             return chunk
         aligned = not self.decoder.pending
@@ -96,7 +96,7 @@ class Meter:
 
     def finish(self, now: float) -> bytes:
         """Meter what is left when the stream ends; return any bytes still owed to the client."""
-        if self.endpoint == "ollama":
+        if self.dialect == "ollama":
             self._ndjson(b"\n", now)
             return b""
         events = self.decoder.flush()
@@ -129,9 +129,9 @@ class Meter:
         if ev.is_error_field:
             self._error_from(obj)
             return True
-        if self.endpoint == "messages":
+        if self.dialect == "messages":
             self._anthropic_event(ev.event or obj.get("type"), obj, now)
-        elif self.endpoint == "responses":
+        elif self.dialect == "responses":
             self._responses_event(ev.event or obj.get("type"), obj, now)
         else:
             return self._chat_chunk(obj, now, data)
@@ -335,18 +335,18 @@ class Meter:
             return False
         if not isinstance(obj, dict):
             return False
-        if self.endpoint == "responses":
+        if self.dialect == "responses":
             self._responses_object(obj)
             self.output_chars += _text_len(obj.get("output"))
             return True
-        if self.endpoint == "ollama":
+        if self.dialect == "ollama":
             self._ollama_object(obj, 0.0)
             return True
         if isinstance(obj.get("model"), str):
             self.model = obj["model"]
         if isinstance(obj.get("usage"), dict):
             self.usage_raw = obj["usage"]
-        if self.endpoint == "messages":
+        if self.dialect == "messages":
             if isinstance(obj.get("stop_reason"), str):
                 self.finish_reason = obj["stop_reason"]
             self.output_chars += _text_len(obj.get("content"))
@@ -367,11 +367,11 @@ class Meter:
         raw = self.usage_raw
         if raw is None:
             return None
-        if self.endpoint == "messages":
+        if self.dialect == "messages":
             return U.from_anthropic(raw, self.service_tier)
-        if self.endpoint == "responses":
+        if self.dialect == "responses":
             return U.from_responses(raw, self.service_tier)
-        if self.endpoint == "ollama":
+        if self.dialect == "ollama":
             return U.from_ollama_native(raw)
         return U.from_raw(raw, self.service_tier)
 

@@ -301,7 +301,7 @@ class PriceBook:
         requested_model: str | None,
         upstream: str | None,
         provider: str | None,
-        endpoint: str,
+        dialect: str,
     ) -> Cost:
         """Price one call's usage: custom beats the table; the upstream's own charge beats ours.
 
@@ -312,7 +312,7 @@ class PriceBook:
         rates: _Rates | None = None
         price_model: str | None = None
         source: str | None = None
-        embedding = endpoint == "embeddings"
+        embedding = dialect == "embeddings"
         for name in (model, requested_model):
             if (custom := self._custom_for(name, upstream)) is not None:
                 rates, price_model, source = custom.rates(), f"custom:{custom.model}", "custom"

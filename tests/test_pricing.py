@@ -51,7 +51,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _price(book: PriceBook, usage: Usage, model: str | None, **kw: Any) -> Cost:
-    args: dict[str, Any] = {"requested_model": None, "upstream": "up", "provider": None, "endpoint": "chat"}
+    args: dict[str, Any] = {"requested_model": None, "upstream": "up", "provider": None, "dialect": "chat"}
     args.update(kw)
     return book.price(usage, model=model, **args)
 
@@ -94,7 +94,7 @@ COST_CASES = [
                 "output_tokens": 250,
             }
         ),
-        {"model": "claude-sonnet-4-5-20250929", "provider": "anthropic", "endpoint": "messages"},
+        {"model": "claude-sonnet-4-5-20250929", "provider": "anthropic", "dialect": "messages"},
         0.021936,
         {"input": 0.000036, "cached_input": 0.0024, "cache_write": 0.01575, "output": 0.00375},
         "claude-sonnet-4-5-20250929",
@@ -111,7 +111,7 @@ COST_CASES = [
                 "output_tokens": 250,
             }
         ),
-        {"model": "claude-sonnet-4-5", "endpoint": "messages"},
+        {"model": "claude-sonnet-4-5", "dialect": "messages"},
         0.017436,
         {"input": 0.000036, "cached_input": 0.0024, "cache_write": 0.01125, "output": 0.00375},
         "claude-sonnet-4-5",
@@ -191,7 +191,7 @@ COST_CASES = [
         "embeddings-input-only",
         # text-embedding-3-small: input 2e-08; 10000*2e-8 = 0.0002 (output never billed)
         from_openai({"prompt_tokens": 10000, "total_tokens": 10000}),
-        {"model": "text-embedding-3-small", "endpoint": "embeddings"},
+        {"model": "text-embedding-3-small", "dialect": "embeddings"},
         0.0002,
         {"input": 0.0002, "cached_input": 0.0, "cache_write": 0.0, "output": 0.0},
         "text-embedding-3-small",
@@ -200,7 +200,7 @@ COST_CASES = [
         "embeddings-ignore-cache-and-output-fields",
         # A server that reports odd fields on /embeddings: all 10000 input tokens at 2e-08 = 0.0002, rest 0
         Usage(input_tokens=10000, cached_input_tokens=2000, output_tokens=5),
-        {"model": "text-embedding-3-small", "endpoint": "embeddings"},
+        {"model": "text-embedding-3-small", "dialect": "embeddings"},
         0.0002,
         {"input": 0.0002, "cached_input": 0.0, "cache_write": 0.0, "output": 0.0},
         "text-embedding-3-small",
@@ -688,7 +688,7 @@ def test_unknown_model_warnings_are_bounded(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.WARNING, logger="metering_proxy.pricing"):
         for i in range(1500):
             assert book.price(usage, model=f"nope-{i}", requested_model=None, upstream=None, provider=None,
-                              endpoint="chat").cost_usd is None  # fmt: skip
+                              dialect="chat").cost_usd is None  # fmt: skip
     assert len(caplog.records) == 1000
 
 
@@ -714,7 +714,7 @@ def test_hostile_counts_never_give_a_negative_or_nan_cost(book: PriceBook, field
     base = {"input_tokens": 1000, "cached_input_tokens": 200, "cache_write_tokens": 100, "output_tokens": 50}
     usage = Usage(**{**base, field: value})  # type: ignore[arg-type]
     endpoint = "embeddings" if model.startswith("text-") else "chat"
-    got = _price(book, usage, model, endpoint=endpoint)
+    got = _price(book, usage, model, dialect=endpoint)
     _sound(got)
     # An absurd count is priced as the largest believable one: bounded by MAX_TOKENS_PER_CALL input tokens
     # in the priciest input bucket (uncached, 5-minute or 1-hour cache writes) plus as many output tokens.
@@ -722,7 +722,7 @@ def test_hostile_counts_never_give_a_negative_or_nan_cost(book: PriceBook, field
     tops = [Usage(input_tokens=top, output_tokens=top),
             Usage(input_tokens=top, cache_write_tokens=top, output_tokens=top),
             Usage(input_tokens=top, cache_write_tokens=top, cache_write_1h_tokens=top, output_tokens=top)]  # fmt: skip
-    bound = max(_price(book, u, model, endpoint=endpoint).cost_usd or 0.0 for u in tops)
+    bound = max(_price(book, u, model, dialect=endpoint).cost_usd or 0.0 for u in tops)
     assert got.cost_usd is not None and got.cost_usd <= bound
 
 
