@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 
 from proxy.app import SINK, make_app
 from proxy.config import Config, Timeouts, Upstream
@@ -323,6 +324,66 @@ async def fake_upstream() -> Any:
     await fake.server.close()
 
 
+class RunningHandlers:
+    """How many of an app's request handlers are running now (counted by track_handlers)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+HANDLERS = web.AppKey("tests_running_handlers", RunningHandlers)
+
+
+def track_handlers(app: web.Application) -> web.Application:
+    """Count app's running handlers in app[HANDLERS], from a middleware put outside all of the proxy's own.
+
+    Outermost, so a record written by any handler or middleware of the proxy is queued before the count
+    drops. A test-only wrapper: it passes every request, answer and exception through untouched.
+    """
+    running = app[HANDLERS] = RunningHandlers()
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        running.count += 1
+        try:
+            return await handler(request)
+        finally:
+            running.count -= 1
+
+    app.middlewares.insert(0, count)
+    return app
+
+
+async def settle(app: web.Application, expected: int | None = None, timeout: float = 5.0) -> int:
+    """Wait until none of app's handlers runs (and, given expected, that many records were made), then flush
+    the sink; return the number of records made since start (written, queued or dropped), asserting it is
+    expected.
+
+    The deterministic way to check that a record is absent: a call's record is queued when its handler ends,
+    which may be just after the client has read the whole answer, so once no handler runs no call that has
+    ended can add one; and flush() is a barrier (everything queued before it is written when it returns).
+    Call it once every call of the test has ended on the client's side.
+    """
+    sink, running = app[SINK], app[HANDLERS]
+
+    def made() -> int:
+        # Dips while the background flusher writes a batch it took (pending is 0, written not yet
+        # counted): that only makes the loop wait longer. After flush() it is exact.
+        return sink.written + sink.pending + sink.dropped
+
+    deadline = time.monotonic() + timeout
+    while running.count or (expected is not None and made() < expected):
+        assert time.monotonic() < deadline, (
+            f"not settled after {timeout} s: {running.count} handler(s) running, {made()} record(s) made, "
+            f"{expected} expected"
+        )
+        await asyncio.sleep(0.005)
+    await sink.flush()
+    total = made()
+    assert expected is None or total == expected, f"{total} record(s) made, {expected} expected"
+    return total
+
+
 class ProxyUnderTest:
     """The proxy app on a real loopback port, with helpers to read its records."""
 
@@ -339,6 +400,11 @@ class ProxyUnderTest:
 
     async def flush(self) -> None:
         await self.server.app[SINK].flush()
+
+    async def settle(self, expected: int, timeout: float = 5.0) -> None:
+        """Wait until every call has ended and made its record, flush; assert the proxy made expected records
+        in all (every run, .rejected.jsonl included). See settle()."""
+        await settle(self.server.app, expected, timeout)
 
     async def records(self, run_id: str = "default") -> list[dict[str, Any]]:
         """Flush the sink and return the run's records."""
@@ -378,7 +444,7 @@ async def make_proxy(tmp_path: Path, fake_upstream: FakeUpstream) -> Any:
         )
         pricebook = overrides.pop("pricebook", None)
         cfg = replace(cfg, **overrides)
-        server = TestServer(make_app(cfg, pricebook), host="127.0.0.1", handler_cancellation=True)
+        server = TestServer(track_handlers(make_app(cfg, pricebook)), host="127.0.0.1", handler_cancellation=True)
         await server.start_server()
         servers.append(server)
         return ProxyUnderTest(server, cfg.runs_dir)

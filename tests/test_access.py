@@ -73,7 +73,7 @@ async def test_missing_or_wrong_key_is_401_with_a_rejected_record(
     assert err["code"] == code and err["type"] == "invalid_request_error" and "proxy key" in err["message"]
     assert err["param"] == "Authorization"
     assert not fake_upstream.requests
-    await proxy.flush()
+    await proxy.settle(1)
     # One record, in .rejected.jsonl with no run id: the unauthenticated client wrote into no run file.
     assert sorted(p.name for p in proxy.runs_dir.iterdir()) == [".rejected.jsonl"]
     [rec] = rejected(proxy)
@@ -121,7 +121,7 @@ async def test_right_key_in_authorization_is_stripped(
             assert r.status == 200  # health stays open
     assert fake_upstream.requests[-1]["path"] == "/v1/models"
     assert "Authorization" not in fake_upstream.requests[-1]["headers"]
-    await proxy.flush()
+    await proxy.settle(1)  # the chat call's record only
     assert rejected(proxy) == []  # unmetered paths get no record, refused or not
 
 
@@ -349,7 +349,7 @@ async def test_a_missing_key_on_any_spelling_of_a_metered_path_is_recorded(
     raw = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert raw.startswith(b"HTTP/1.1 401"), raw[:200]
-    await proxy.flush()
+    await proxy.settle(1)
     [rec] = rejected(proxy)
     assert rec["endpoint"] == endpoint and rec["error"]["category"] == "unauthorized"
     assert fake_upstream.requests == []

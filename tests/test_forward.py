@@ -52,7 +52,7 @@ async def test_invalid_run_id(proxy: ProxyUnderTest, bad: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert "not starting with '.'" in info.value.message
-    await proxy.flush()
+    await proxy.settle(1)
     assert sorted(p.name for p in proxy.runs_dir.iterdir()) == [".rejected.jsonl"]
 
 

@@ -48,9 +48,8 @@ def jsonl_files(proxy: ProxyUnderTest) -> list[str]:
 
 
 async def only_record(proxy: ProxyUnderTest, run_id: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Wait for the run's record, then make sure it stays the only one, in the only file."""
-    await proxy.wait_records(run_id, 1, timeout)
-    await asyncio.sleep(0.15)  # three flush intervals: a second record would have landed by now
+    """Wait until the call has ended, then check it made one record, the only one, in the only file."""
+    await proxy.settle(1, timeout)
     recs = await proxy.records(run_id)
     assert len(recs) == 1, recs
     assert jsonl_files(proxy) == [f"{run_id}.jsonl"]
@@ -594,8 +593,7 @@ async def test_client_disconnects_while_upstream_thinks(
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
     writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + CHAT_BODY)
     await writer.drain()
-    await asyncio.sleep(0.3)
-    assert await until(lambda: len(fake_upstream.requests) == 1, 1.0)
+    assert await until(lambda: len(fake_upstream.requests) == 1, 1.0)  # the upstream is thinking now
     writer.close()
     await writer.wait_closed()
     t_close = time.monotonic()
@@ -717,8 +715,7 @@ async def test_invalid_run_id_in_path(proxy: ProxyUnderTest, fake_upstream: Fake
     with pytest.raises(openai.BadRequestError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert check_openai_error(info.value.response.json())["code"] == "invalid_run_id"
-    await asyncio.sleep(0.1)
-    await proxy.flush()
+    await proxy.settle(1)
     assert jsonl_files(proxy) == [".rejected.jsonl"]
     assert fake_upstream.requests == []
 
@@ -729,8 +726,7 @@ async def test_models_pass_through_unmetered(proxy: ProxyUnderTest, fake_upstrea
         assert [m.id for m in page.data] == ["gpt-4o-mini"]
     assert [r["path"] for r in fake_upstream.requests] == ["/v1/models", "/v1/models"]
     assert "X-Run-Id" not in fake_upstream.requests[0]["headers"]
-    await asyncio.sleep(0.15)
-    await proxy.flush()
+    await proxy.settle(0)
     assert jsonl_files(proxy) == []
 
 
@@ -809,7 +805,7 @@ async def test_unwritable_runs_dir_pass_mode(tmp_path: Path, make_proxy: ProxyFa
     c = client(proxy, "passed")
     resp = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert resp.choices[0].message.content == "Hello there!"
-    await asyncio.sleep(0.15)
+    await proxy.settle(1)  # a flush was tried with the record queued: it could not be written
     assert (await health(proxy.url("")))[0] == 503  # still loud while the record is held
     runs.unlink()
     await wait_health(proxy.url(""), 200, timeout=2.0)
@@ -836,8 +832,7 @@ async def test_runs_dir_lost_after_start(
     assert len(fake_upstream.requests) == 2
     runs.unlink()
     await wait_health(proxy.url(""), 200, timeout=2.0)
-    recs = await proxy.wait_records("lost", 2)
-    await asyncio.sleep(0.15)
+    await proxy.settle(3)
     recs = await proxy.records("lost")
     # The first record went with the old directory; the held two are written, once each.
     assert sorted(r["success"] for r in recs) == [False, True]
@@ -872,8 +867,7 @@ async def test_every_failed_call_has_one_log_line(
                  b"X-Run-Id: logged\r\nX-Fake-Delay: 0.2\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     await reader.read(100)
     writer.close()
-    recs = await proxy.wait_records("logged", 7)
-    await asyncio.sleep(0.3)
+    await proxy.settle(7)
     recs = await proxy.records("logged")
     failed = [r for r in recs if r["error"] is not None]
     categories = {r["error"]["category"] for r in failed}

@@ -206,7 +206,7 @@ async def test_a_call_to_a_planted_run_never_writes_outside(
     assert await _chat(proxy, "dangling") == 200
     assert await _chat(proxy, "fine") == 200
     assert len(await proxy.wait_records("fine", 1)) == 1  # other runs keep working
-    await proxy.flush()
+    await proxy.settle(3)  # the two planted runs' records are held
     assert victim.read_bytes() == before and not (tmp_path / "outside" / "created.txt").exists()
     assert sink.run_blocked("planted") and sink.run_blocked("dangling") and sink.healthy
     assert sorted(_refusals(caplog)) == [f"records: {runs / n}.jsonl {REFUSED}" for n in ("dangling", "planted")]
@@ -218,7 +218,7 @@ async def test_calls_to_a_planted_run_are_refused_as_recording_unavailable(
     runs, victim, before = _plant(tmp_path)
     proxy = await make_proxy()
     assert await _chat(proxy, "planted") == 200  # nothing is known of the file before its first write
-    await proxy.flush()
+    await proxy.settle(1)  # its record's first write is refused: from now on the run is known blocked
     sent = len(fake_upstream.requests)
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.base_url + "/chat/completions", headers={"X-Run-Id": "planted"},

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from proxy import redact
 from proxy.app import SINK, make_app
 from proxy.config import Access, Config, Timeouts, Upstream
+from tests.conftest import settle, track_handlers
 
 
 def test_mask_by_value_in_text_bytes_and_json() -> None:
@@ -102,7 +103,7 @@ async def test_no_canary_and_no_secret_leaves_the_proxy(tmp_path: Path, caplog: 
         flush_interval_s=0.05,
         access=Access(proxy_keys=(proxy_key,), admin_token=admin),
     )
-    proxy = TestServer(make_app(replace(cfg)), host="127.0.0.1")
+    proxy = TestServer(track_handlers(make_app(replace(cfg))), host="127.0.0.1")
     await proxy.start_server()
     client_bodies: list[bytes] = []
     try:
@@ -120,7 +121,7 @@ async def test_no_canary_and_no_secret_leaves_the_proxy(tmp_path: Path, caplog: 
                                "X-Custom": canary}  # fmt: skip
                     async with s.post(proxy.make_url("/v1/chat/completions"), json=body, headers=headers) as r:
                         client_bodies.append(await r.read() + str(dict(r.headers)).encode())
-            await proxy.app[SINK].flush()
+            await settle(proxy.app, 4)
             admin_h = {"Authorization": f"Bearer {admin}"}
             outputs: dict[str, bytes] = {}
             for path in ("/runs", "/runs/leak", "/runs/leak/records", "/metrics"):

@@ -27,13 +27,23 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import FORWARDER, make_app
 from proxy.config import Config, Timeouts, Upstream
-from tests.conftest import GARBAGE_EVENTS, FakeUpstream, ProxyFactory, ProxyUnderTest, health, wait_health
+from tests.conftest import (
+    GARBAGE_EVENTS,
+    FakeUpstream,
+    ProxyFactory,
+    ProxyUnderTest,
+    health,
+    settle,
+    track_handlers,
+    wait_health,
+)
 
 MSG: Any = [{"role": "user", "content": "Say hello to the tests."}]
 KEY = "sk-test-secret-key-123456"
@@ -324,7 +334,7 @@ async def test_undecodable_request_body_gives_400(
         and err["param"] == "Content-Encoding"
     )
     assert fake_upstream.requests == []
-    await asyncio.sleep(0.15)
+    await proxy.settle(1 if path == CHAT else 0)
     recs = await proxy.records("undecodable")
     if path == CHAT:  # metered endpoint, valid run id: recorded, like every other refusal
         [rec] = recs
@@ -478,8 +488,7 @@ async def test_which_rejections_are_recorded_and_where(
                 assert r.status == 200
     forwarded = [r["path"] for r in fake_upstream.requests[requests_before:]]
     assert forwarded == ["/v1/models", "/v1/models"]
-    await asyncio.sleep(0.15)
-    await proxy.flush()
+    await proxy.settle(len(seen) + len(rejected))
     assert record_files(proxy.runs_dir) == [".rejected.jsonl", "rule.jsonl"]
     recs = parse_lines(proxy.runs_dir / "rule.jsonl")
     got_recs = [(r["request_id"], r["status"], r["error"]["category"] if r["error"] else None) for r in recs]
@@ -532,6 +541,12 @@ class ThreadedProxy:
     port: int
     runs: Path
     fake: FakeUpstream
+    app: web.Application
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self) -> None:
+        """settle() on the proxy's own loop: every call has ended and its record is written."""
+        asyncio.run_coroutine_threadsafe(settle(self.app), self.loop).result(10)
 
 
 @pytest.fixture
@@ -552,7 +567,7 @@ def threaded_proxy(tmp_path: Path) -> Iterator[ThreadedProxy]:
             flush_interval_s=0.05,
             max_body_bytes=64 * 1024,
         )
-        server = TestServer(make_app(cfg), host="127.0.0.1")
+        server = TestServer(track_handlers(make_app(cfg)), host="127.0.0.1")
         await server.start_server(max_field_size=cfg.max_header_bytes, max_line_size=cfg.max_header_bytes)
         box.update(fake=fake, server=server, runs=cfg.runs_dir)
 
@@ -567,7 +582,7 @@ def threaded_proxy(tmp_path: Path) -> Iterator[ThreadedProxy]:
     thread = threading.Thread(target=run, name="fuzz-proxy", daemon=True)
     thread.start()
     assert ready.wait(10) and "server" in box, "the proxy did not start"
-    yield ThreadedProxy(port=box["server"].port, runs=box["runs"], fake=box["fake"])
+    yield ThreadedProxy(port=box["server"].port, runs=box["runs"], fake=box["fake"], app=box["server"].app, loop=loop)
 
     async def stop() -> None:
         await box["server"].close()
@@ -759,7 +774,7 @@ def test_random_requests_never_crash_a_handler(threaded_proxy: ThreadedProxy) ->
     one()
     # The fuzz reached both the upstream and the proxy's own refusals.
     assert outcomes["upstream"] >= 5 and outcomes["4xx"] >= 5, outcomes
-    time.sleep(0.15)  # three flush intervals
+    tp.settle()
     for name in record_files(tp.runs):
         for rec in parse_lines(tp.runs / name):
             assert rec["error"] is None or rec["error"]["category"] != "unknown", rec
@@ -869,6 +884,8 @@ async def test_second_sigterm_does_not_cut_the_drain(fake_upstream: FakeUpstream
             ]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 10)
             served.term()
+            # A real interval: the second signal must come once the drain has begun (the proxy then holds
+            # further signals), which nothing outside the process can see.
             await asyncio.sleep(0.2)
             served.proc.send_signal(signal.SIGTERM)
             served.proc.send_signal(signal.SIGINT)
@@ -914,7 +931,7 @@ async def test_sigkill_under_load_loses_at_most_the_last_flush(
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=30)) as s:
             tasks = [asyncio.create_task(client(i, s)) for i in range(30)]
-            await asyncio.sleep(0.8)
+            await asyncio.sleep(0.8)  # a real interval: the load runs for several flush intervals
             t_kill = time.monotonic()
             served.proc.kill()
             stop.set()
@@ -1051,7 +1068,7 @@ async def test_disk_full_then_space_again(fake_upstream: FakeUpstream, tiny_fs: 
             if status == 503:
                 assert orjson.loads(raw)["error"]["code"] == "recording_unavailable"
                 break
-            await asyncio.sleep(0.07)  # let each record be flushed on its own
+            await asyncio.sleep(0.07)  # a real interval: over one flush (50 ms), so each record is its own batch
         assert statuses[-1] == 503 and statuses.count(200) >= 3, statuses
         assert (await health(served.base))[0] == 503
         assert "CANNOT WRITE RECORDS" in served.err_text() and "No space left on device" in served.err_text()
@@ -1078,8 +1095,7 @@ async def test_torn_tail_left_by_another_writer_mid_run(proxy: ProxyUnderTest) -
     with path.open("ab") as f:
         f.write(b'{"ts":"2026-01-01T00:00:00.000Z","run_id":"shar')
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
-    await asyncio.sleep(0.15)
-    await proxy.flush()
+    await proxy.settle(2)
     lines = path.read_bytes().split(b"\n")
     assert len(lines) == 4 and lines[1].endswith(b'"run_id":"shar') and lines[3] == b""
     assert [orjson.loads(lines[i])["success"] for i in (0, 2)] == [True, True]
@@ -1119,8 +1135,7 @@ async def test_1000_concurrent_streams_across_50_runs(make_proxy: ProxyFactory) 
     # accept backlog on a busy 2-core box (a SYN retry takes 1-3 s); this test checks the files.
     proxy = await make_proxy(timeouts=Timeouts(connect_s=15, read_s=15, total_s=60))
     await many_streams(proxy.url(""))
-    await asyncio.sleep(0.15)
-    await proxy.flush()
+    await proxy.settle(CALLS)
     check_run_files(proxy.runs_dir)
 
 

@@ -17,8 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy import routes
-from proxy.app import SINK, make_app
+from proxy.app import make_app
 from proxy.config import Config, Timeouts, Upstream
+from tests.conftest import settle, track_handlers
 
 CHAT_OK = {
     "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -64,7 +65,7 @@ class Harness:
         return int(status_line.split()[1]), {k.lower(): v for k, v in hdrs.items()}, payload
 
     async def records(self) -> dict[str, list[dict[str, Any]]]:
-        await self.proxy.app[SINK].flush()
+        await settle(self.proxy.app)
         out: dict[str, list[dict[str, Any]]] = {}
         for path in sorted(self.runs.glob("*.jsonl")) if self.runs.is_dir() else []:
             out[path.stem] = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
@@ -85,7 +86,7 @@ async def harness(tmp_path: Path) -> Any:
     servers: list[TestServer] = [up_server]
 
     async def start(**overrides: Any) -> Harness:
-        server = TestServer(make_app(replace(cfg, **overrides)), host="127.0.0.1")
+        server = TestServer(track_handlers(make_app(replace(cfg, **overrides))), host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         return Harness(server, upstream, cfg.runs_dir)
@@ -300,7 +301,7 @@ async def test_upstream_redirects_are_not_followed(tmp_path: Path, status: int, 
                             api_key_env="ROUTES_TEST_KEY", headers=(("api-key", "azure-secret"),)),),  # fmt: skip
         flush_interval_s=0.05,
     )
-    proxy = TestServer(make_app(cfg), host="127.0.0.1")
+    proxy = TestServer(track_handlers(make_app(cfg)), host="127.0.0.1")
     await proxy.start_server()
     try:
         h = Harness(proxy, AnyPathUpstream(), cfg.runs_dir)

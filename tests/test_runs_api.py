@@ -50,7 +50,7 @@ async def test_runs_list_with_totals(proxy: ProxyUnderTest) -> None:
     await proxy.wait_records("r2", 1)
     with pytest.raises(openai.BadRequestError):  # goes to .rejected.jsonl, which is no run
         await client(proxy, ".hidden").chat.completions.create(model="gpt-4o-mini", messages=MSG)
-    await proxy.flush()
+    await proxy.settle(5)
     assert (proxy.runs_dir / ".rejected.jsonl").exists()
     status, headers, body = await get(proxy, "/runs")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
@@ -230,7 +230,7 @@ async def test_no_path_traversal(proxy: ProxyUnderTest, tmp_path: Path, raw_path
     await client(proxy, "ok").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     with pytest.raises(openai.BadRequestError):
         await client(proxy, ".rejected").chat.completions.create(model="gpt-4o-mini", messages=MSG)
-    await proxy.flush()
+    await proxy.settle(2)
     assert (proxy.runs_dir / ".rejected.jsonl").exists()
     status, _, body = await get(proxy, URL(proxy.url("/")).with_path(raw_path, encoded=True))
     assert status in (400, 404), (raw_path, status)
