@@ -186,10 +186,5 @@ def middleware(cfg: Config, forwarder: Forwarder) -> Callable[..., Awaitable[web
     return access_middleware
 
 
-def install(app: web.Application, cfg: Config, forwarder: Forwarder) -> None:
-    """Refuse an open relay, then add the access middleware when anything is restricted."""
-    check_exposure(cfg)
-    forwarder.consumed_headers.add(KEY_HEADER.lower())
-    mw = middleware(cfg, forwarder)
-    if mw is not None:
-        app.middlewares.append(mw)
+#: Request headers access control reads; never sent upstream.
+HEADERS = frozenset({KEY_HEADER.lower()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -12,9 +12,12 @@ from aiohttp import web
 
 from proxy import access, budgets, errors, routes, runs_api
 from proxy.config import Config
-from proxy.forward import Forwarder, expect_continue
+from proxy.forward import Forwarder, Hooks, expect_continue
 from proxy.metrics import Metrics
 from proxy.records import JsonlSink
+
+if TYPE_CHECKING:
+    from proxy.pricing import PriceBook
 
 log = logging.getLogger("metering_proxy")
 
@@ -83,7 +86,7 @@ def route_middleware(forwarder: Forwarder) -> Callable[..., Awaitable[web.Stream
     return canonical
 
 
-def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
+def make_app(cfg: Config, pricebook: PriceBook | None = None) -> web.Application:
     """Build the proxy application for a configuration."""
     # Request bodies are decoded by proxy.body, in small steps between which other calls run: aiohttp's
     # decoder inflated a compression bomb up to the size limit in one go, stalling every call in flight.
@@ -91,19 +94,29 @@ def make_app(cfg: Config, pricebook: Any = None) -> web.Application:
                           handler_args={"auto_decompress": False})  # fmt: skip
     app[CONFIG] = cfg
     app[SINK] = sink = JsonlSink(cfg.runs_dir, cfg.flush_interval_s, fsync=cfg.fsync == "batch")
+    access.check_exposure(cfg)  # an open relay must not start
+    app[METRICS] = metrics = Metrics(sink)
+    app[budgets.BUDGETS] = tracker = budgets.BudgetTracker(cfg.budgets, sink, pricebook)
+    runs = runs_api.RunsApi(cfg.runs_dir)
+    # Every feature on the request path, in the order it runs: checks before forwarding, observers after
+    # each record is queued.
+    hooks = Hooks(
+        checks=(tracker.check,),
+        observers=(metrics.observe, tracker.observe, runs.hub.observe),
+        consumed_headers=budgets.HEADERS | access.HEADERS,
+    )
     # The client session needs a running loop: _resources plugs it in at start-up.
-    app[FORWARDER] = Forwarder(cfg, None, sink, pricebook)
-    app.middlewares.append(route_middleware(app[FORWARDER]))
-    app[METRICS] = Metrics(sink)
-    app[FORWARDER].observers.append(app[METRICS].observe)
-    budgets.install(app, app[FORWARDER])
-    access.install(app, cfg, app[FORWARDER])
+    app[FORWARDER] = forwarder = Forwarder(cfg, None, sink, pricebook, hooks)
+    app.middlewares.append(route_middleware(forwarder))  # canonical paths first, before access reads one
+    guard = access.middleware(cfg, forwarder)
+    if guard is not None:
+        app.middlewares.append(guard)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_on_shutdown)
 
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", app[METRICS].handle)
-    runs_api.install(app, cfg.runs_dir, app[FORWARDER].observers)  # /runs..., /ui, live events
+    app.router.add_get("/metrics", metrics.handle)
+    runs_api.install(app, runs)  # /runs..., /ui, live events
     # Everything else is the API, dispatched on the canonical path (whatever aiohttp's router made of
     # the spelling). expect_continue: aiohttp's own Expect handling answers 417 (or 500) before any
     # handler runs, so the call would get no record.

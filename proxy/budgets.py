@@ -40,7 +40,8 @@ from proxy.records import JsonlSink, Record, open_run_file
 from proxy.usage import Usage, estimate_input_tokens
 
 if TYPE_CHECKING:
-    from proxy.forward import Call, Forwarder
+    from proxy.forward import Call
+    from proxy.pricing import PriceBook
 
 log = logging.getLogger("metering_proxy.budgets")
 
@@ -173,7 +174,7 @@ def _read_totals(path: Path, seen: set[str]) -> tuple[int, int]:
 class BudgetTracker:
     """Per-run spend and reservations; its check refuses calls over budget, its observer counts records."""
 
-    def __init__(self, budgets: Budgets, sink: JsonlSink, pricebook: Any = None) -> None:
+    def __init__(self, budgets: Budgets, sink: JsonlSink, pricebook: PriceBook | None = None) -> None:
         self.budgets = budgets
         self.sink = sink
         self.pricebook = pricebook
@@ -327,11 +328,5 @@ def _admit(run_id: str, usd: bool, limit: Limit, spent: int, reserved: int, mine
 BUDGETS = web.AppKey("budgets", BudgetTracker)
 
 
-def install(app: web.Application, forwarder: Forwarder) -> BudgetTracker:
-    """Hook budgets into the forwarder (check, observer, consumed headers) and the app."""
-    tracker = BudgetTracker(forwarder.cfg.budgets, forwarder.sink, forwarder.pricebook)
-    forwarder.checks.append(tracker.check)
-    forwarder.observers.append(tracker.observe)
-    forwarder.consumed_headers |= {USD_HEADER.lower(), TOKENS_HEADER.lower()}
-    app[BUDGETS] = tracker
-    return tracker
+#: Request headers budgets read (a client capping its own run); never sent upstream.
+HEADERS = frozenset({USD_HEADER.lower(), TOKENS_HEADER.lower()})

@@ -201,7 +201,7 @@ def _start_line(cfg: config_mod.Config, workers: int) -> str:
     )
 
 
-def _run_worker(cfg: config_mod.Config, pricebook: object | None, sock: socket.socket) -> None:
+def _run_worker(cfg: config_mod.Config, pricebook: PriceBook, sock: socket.socket) -> None:
     from aiohttp import web
 
     from proxy.app import make_app
@@ -271,7 +271,7 @@ def _use_event_loop(choice: str) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _supervise(cfg: config_mod.Config, pricebook: object | None, n: int, sock: socket.socket) -> int:
+def _supervise(cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socket.socket) -> int:
     """Fork n workers serving the one listening socket; pass SIGINT/SIGTERM on to them once; wait for all."""
     import signal
 

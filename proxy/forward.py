@@ -8,9 +8,10 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -25,6 +26,9 @@ from proxy.errors import ProxyError
 from proxy.meter import Meter
 from proxy.records import ErrorInfo, JsonlSink, Record, cost_fields, usage_fields
 from proxy.usage import bounded_raw, settle
+
+if TYPE_CHECKING:
+    from proxy.pricing import PriceBook
 
 log = logging.getLogger("metering_proxy")
 
@@ -112,11 +116,27 @@ def _ms(start: float, end: float | None) -> float | None:
     return None if end is None else round((end - start) * 1000, 3)
 
 
+Observer = Callable[[Record], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What other features plug into the request path; make_app builds it, in the order it runs."""
+
+    checks: tuple[Check, ...] = ()
+    """Run before a call is forwarded, in order; raise a ProxyError to refuse it (budgets)."""
+    observers: tuple[Observer, ...] = ()
+    """Called with every record once it is queued, in order (metrics, budgets, live events)."""
+    consumed_headers: frozenset[str] = frozenset()
+    """Lower-cased request headers a feature reads itself (never sent upstream)."""
+
+
 class Forwarder:
     """Holds the shared client session, router and sink; its methods are the route handlers."""
 
     def __init__(
-        self, cfg: Config, session: aiohttp.ClientSession | None, sink: JsonlSink, pricebook: Any = None
+        self, cfg: Config, session: aiohttp.ClientSession | None, sink: JsonlSink, pricebook: PriceBook | None = None,
+        hooks: Hooks = Hooks(),
     ) -> None:
         self.cfg = cfg
         self.session = session
@@ -127,11 +147,9 @@ class Forwarder:
         self.shutting_down = False
         self.passthrough_rules = routes.Passthrough(cfg.passthrough)
         self.secrets = redact.from_config(cfg)
-        self.checks: list[Check] = []
-        """Run before a call is forwarded, in order; raise a ProxyError to refuse it (budgets)."""
-        self.observers: list[Callable[[Record], None]] = []
-        """Called with every record once it is queued (metrics, budgets, live event streams)."""
-        self.consumed_headers: set[str] = set(_CONSUMED)
+        self.checks = list(hooks.checks)
+        self.observers = list(hooks.observers)
+        self.consumed_headers = _CONSUMED | hooks.consumed_headers
         """Lower-cased request headers the proxy reads itself and never sends upstream."""
 
     # -- request side ----------------------------------------------------------------------

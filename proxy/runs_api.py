@@ -312,14 +312,12 @@ class RunsApi:
 RUNS_API = web.AppKey("runs_api", RunsApi)
 
 
-def install(app: web.Application, runs_dir: Path, observers: list[Callable[[Record], None]]) -> RunsApi:
-    """Add the /runs and /ui routes to app and the live-events observer to the forwarder's observers."""
-    api = app[RUNS_API] = RunsApi(runs_dir)
-    observers.append(api.hub.observe)
+def install(app: web.Application, api: RunsApi) -> None:
+    """Add the /runs and /ui routes to app (make_app adds api.hub.observe to the record observers)."""
+    app[RUNS_API] = api
     app.router.add_get("/runs", api.list_runs)
     app.router.add_get("/runs/{run_id}", api.summary)
     app.router.add_get("/runs/{run_id}/records", api.records)
     app.router.add_get("/runs/{run_id}/events", api.events)
     app.router.add_get("/ui", ui.handle)
     app.on_shutdown.append(api.on_shutdown)
-    return api
