@@ -282,19 +282,46 @@ class Forwarder:
             self._record(call)
 
     async def _metered(self, request: web.Request, call: Call) -> web.StreamResponse:
+        """The request path, top to bottom: admit, read, route, check, send, relay."""
+        self._admit(request, call)
+        body = await read_body(request, self.cfg.max_body_bytes, self.cfg.client_body_timeout_s)
+        obj = self._parse(call, body)
+        upstream = self.router.pick(call.requested_model or "")
+        if upstream is None:
+            raise errors.NoRoute(
+                f"No upstream serves model {call.requested_model!r}. Routes (upstream: model patterns):"
+                f" {self.router.patterns()}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        call.upstream = upstream
+        call.provider = self.upstreams.provider(upstream, None, None, None)  # configured or learned so far
+        for check in self.checks:
+            await check(call, request, obj)
+        up = call.up = await self._send_call(request, call, upstream, obj, body)
+        call.ttfb = perf_counter()
+        call.status = up.status
+        ctype = up.headers.get("Content-Type", "")
+        if up.status < 300 and (ctype.startswith("text/event-stream") or ctype.startswith("application/x-ndjson")):
+            return await self._stream(request, call, up)
+        return await self._buffered(request, call, up)
+
+    def _admit(self, request: web.Request, call: Call) -> None:
+        """Read the run id, task and tags; refuse what cannot be recorded or is not JSON."""
         call.run_id = self._run_id(request)
         headers = request.headers
         call.task = headers.get("X-Task-Name")
         for key, value in headers.items():
             if len(call.tags) < _MAX_TAGS and key.lower().startswith(_TAG_PREFIX) and len(key) > len(_TAG_PREFIX):
                 call.tags[key[len(_TAG_PREFIX) :].lower()] = value[:_MAX_TAG_LEN]
-        if not self.sink.healthy and self.cfg.on_record_failure == "refuse":
-            raise errors.RecordingUnavailable(
-                "metering-proxy cannot write its records (runs dir unwritable); refusing calls until it can."
-            )
-        if self.cfg.on_record_failure == "refuse" and self.sink.run_blocked(call.run_id):
-            raise errors.RecordingUnavailable(f"metering-proxy cannot write the records of run {call.run_id!r} (its"
-                                              " run file is a symlink or not a regular file); refusing its calls.")
+        if self.cfg.on_record_failure == "refuse":
+            if not self.sink.healthy:
+                raise errors.RecordingUnavailable(
+                    "metering-proxy cannot write its records (runs dir unwritable); refusing calls until it can."
+                )
+            if self.sink.run_blocked(call.run_id):
+                raise errors.RecordingUnavailable(f"metering-proxy cannot write the records of run {call.run_id!r}"
+                                                  " (its run file is a symlink or not a regular file); refusing"
+                                                  " its calls.")  # fmt: skip
         ctype = headers.get("Content-Type")
         if ctype is not None and "json" not in ctype.lower():
             raise errors.UnsupportedMediaType(
@@ -302,7 +329,10 @@ class Forwarder:
                 " -H 'Content-Type: application/json'.",
                 param="Content-Type",
             )
-        body = await read_body(request, self.cfg.max_body_bytes, self.cfg.client_body_timeout_s)
+
+    @staticmethod
+    def _parse(call: Call, body: bytes) -> dict[str, Any]:
+        """The request body as a JSON object naming a model; its model and stream flag go on the call."""
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -321,38 +351,26 @@ class Forwarder:
         if not isinstance(stream, bool) and stream is not None:
             raise errors.BadRequest("'stream' must be true or false.", param="stream")
         call.stream = bool(stream)
-        upstream = self.router.pick(model)
-        if upstream is None:
-            raise errors.NoRoute(
-                f"No upstream serves model {model!r}. Routes (upstream: model patterns): {self.router.patterns()}",
-                param="model", code="model_not_found",
-            )  # fmt: skip
-        call.upstream = upstream
-        call.provider = self.upstreams.provider(upstream, None, None, None)  # configured or learned so far
-        for check in self.checks:
-            await check(call, request, obj)
-        original = body
+        return obj
+
+    async def _send_call(self, request: web.Request, call: Call, upstream: Upstream, obj: dict[str, Any],
+                         original: bytes) -> aiohttp.ClientResponse:  # fmt: skip
+        """Send the call upstream (asking for stream usage where it can) and return once headers are in."""
+        body = original
         usage_stream = call.stream and call.meter.dialect in ("chat", "completions")
         if usage_stream:
             body = self._stream_options(call, upstream, obj, original)
         url = self.upstreams.url(upstream, request[routes.ROUTE], request.rel_url.raw_query_string)
         up_headers = self._upstream_headers(request, upstream)
         up = await self._send(request.method, url, body, up_headers)
-        if usage_stream and (body is not original or "stream_options" in obj):
-            if await _rejects_stream_options(up):
-                # Some servers refuse the field outright (Mistral: 422 extra_forbidden); the call must not
-                # fail over it. Once per upstream: from now on its streams go without it.
-                up.release()
-                self.upstreams.learn_refuses_stream_options(upstream, up.status)
-                body = self._stream_options(call, upstream, obj, original)
-                up = await self._send(request.method, url, body, up_headers)
-        call.up = up
-        call.ttfb = perf_counter()
-        call.status = up.status
-        ctype = up.headers.get("Content-Type", "")
-        if up.status < 300 and (ctype.startswith("text/event-stream") or ctype.startswith("application/x-ndjson")):
-            return await self._stream(request, call, up)
-        return await self._buffered(request, call, up)
+        if usage_stream and (body is not original or "stream_options" in obj) and await _rejects_stream_options(up):
+            # Some servers refuse the field outright (Mistral: 422 extra_forbidden); the call must not fail
+            # over it. Once per upstream: from now on its streams go without it.
+            up.release()
+            self.upstreams.learn_refuses_stream_options(upstream, up.status)
+            body = self._stream_options(call, upstream, obj, original)
+            up = await self._send(request.method, url, body, up_headers)
+        return up
 
     async def _buffered(self, request: web.Request, call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
         try:
