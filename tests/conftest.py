@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -457,6 +458,15 @@ async def make_proxy(tmp_path: Path, fake_upstream: FakeUpstream) -> Any:
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> ProxyUnderTest:
     return await make_proxy()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound here but never listening, so no
+    other process can take it meanwhile (a port found free and let go at once may be anyone's when used)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 async def health(base: str) -> tuple[int, dict[str, Any]]:

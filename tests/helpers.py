@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,10 +86,15 @@ def stream_body(**extra: Any) -> dict[str, Any]:
 # -- real `serve` processes ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+#: What `serve` prints on stdout once its socket listens (tests/test_cli.py checks the rest of the line).
+START_LINE = re.compile(r"metering-proxy listening on http://127\.0\.0\.1:(\d+)/v1\b")
+
+
+def port_from_start_line(line: str) -> int:
+    """The port a `serve --port 0` process was given by the kernel, read from its start line."""
+    found = START_LINE.match(line)
+    assert found, f"not a start line: {line!r}"
+    return int(found[1])
 
 
 def child_pids(pid: int) -> list[int]:
@@ -157,25 +162,19 @@ async def serve(fake: FakeUpstream, runs: Path, *extra: str, **cfg: Any) -> Serv
     n = len(list(runs.parent.glob("proxy-*.yaml")))
     conf, out, err = (runs.parent / f"proxy-{n}.{ext}" for ext in ("yaml", "out", "err"))
     conf.write_text("".join(f"{k}: {orjson.dumps(v).decode()}\n" for k, v in cfg.items()))
-    port = free_port()
+    # Port 0: the kernel picks a free port when the proxy binds, so no other process can take it in between.
     with out.open("wb") as out_f, err.open("wb") as err_f:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(conf), "--port", str(port),
+            sys.executable, "-m", "proxy", "serve", "--config", str(conf), "--port", "0",
             "--upstream", fake.base_url, "--runs-dir", str(runs), *extra, stdout=out_f, stderr=err_f,
         )  # fmt: skip
-    served = Served(proc, port, runs, err)
+    served = Served(proc, 0, runs, err)
     deadline = time.monotonic() + 20
-    while b"listening" not in out.read_bytes():
+    while b"\n" not in (printed := out.read_bytes()):
         assert proc.returncode is None and time.monotonic() < deadline, served.err_text()
         await asyncio.sleep(0.025)
-    while True:  # the start line comes just before the socket is bound
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, served.err_text()
-            await asyncio.sleep(0.025)
+    # No need to poll the port: the start line is printed once the socket listens.
+    served.port = port_from_start_line(printed.decode().partition("\n")[0])
     if "--workers" in extra:
         want = int(extra[extra.index("--workers") + 1])
         while len(served.workers) < want:

@@ -19,22 +19,18 @@ import pytest
 
 from proxy.cli import main
 from tests.conftest import FakeUpstream
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import port_from_start_line
 
 
 async def _start(fake: FakeUpstream, runs: Path, *extra: str) -> tuple[asyncio.subprocess.Process, int, str]:
-    port = _free_port()
+    """`serve --port 0` (the kernel picks a port no other process holds); return it with the port it printed."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", fake.base_url,
+        sys.executable, "-m", "proxy", "serve", "--port", "0", "--upstream", fake.base_url,
         "--runs-dir", str(runs), *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+    port = port_from_start_line(line)
     # No retry: the socket is bound and listening before the start line is printed.
     _, w = await asyncio.open_connection("127.0.0.1", port)
     w.close()

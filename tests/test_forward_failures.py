@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -103,13 +102,6 @@ async def raw_http(proxy: ProxyUnderTest, head: str, body: bytes, timeout: float
     finally:
         writer.close()
         await writer.wait_closed()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def until(predicate: Any, timeout: float) -> bool:
@@ -230,8 +222,8 @@ async def test_upstream_drops_mid_body(proxy: ProxyUnderTest) -> None:
 # -- upstream unreachable, or too slow -------------------------------------------------------
 
 
-async def test_upstream_unreachable_gives_502(make_proxy: ProxyFactory) -> None:
-    port = closed_port()
+async def test_upstream_unreachable_gives_502(make_proxy: ProxyFactory, refused_port: int) -> None:
+    port = refused_port
     proxy = await make_proxy(upstreams=(Upstream(name="dead", base_url=f"http://127.0.0.1:{port}/v1"),))
     c = client(proxy, "dead")
     with pytest.raises(openai.InternalServerError) as info:

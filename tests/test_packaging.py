@@ -10,7 +10,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+
+from tests.helpers import port_from_start_line
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a build reads: the rest of the checkout (tests, runs, caches) must not be needed.
@@ -192,16 +193,12 @@ def test_prices_lookup_without_a_table_is_one_line(venv: Path, work: Path, outsi
     assert len(lines) == 1 and "price table" in lines[0] and str(table) in lines[0], _output(proc)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_answers_healthz(venv: Path, work: Path, outside: Path) -> None:
-    port, runs = _free_port(), outside / "runs"
+    runs = outside / "runs"
     out_path, err_path = outside / "serve.out", outside / "serve.err"
-    cmd = [str(venv / "bin" / "metering-proxy"), "serve", "--port", str(port), "--runs-dir", str(runs)]
+    # Port 0: the kernel picks the port as serve binds it (no other process can take it in between); the
+    # start line says which.
+    cmd = [str(venv / "bin" / "metering-proxy"), "serve", "--port", "0", "--runs-dir", str(runs)]
     # Files, not pipes: nothing reads the output while polling, and a full pipe would stall the server.
     with out_path.open("w") as out, err_path.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=outside, env=_env(work), stdout=out, stderr=err, text=True)
@@ -211,20 +208,20 @@ def test_serve_answers_healthz(venv: Path, work: Path, outside: Path) -> None:
 
     # A proxy in the environment must not be asked for loopback.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    url = f"http://127.0.0.1:{port}/healthz"
     try:
-        deadline, body, last = time.monotonic() + 20.0, None, "no attempt"
-        while body is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20.0
+        while "\n" not in out_path.read_text(errors="replace"):
             if proc.poll() is not None:
-                pytest.fail(f"serve exited {proc.returncode} before answering {url}{printed()}")
-            try:
-                with opener.open(url, timeout=2.0) as resp:
-                    body = orjson.loads(resp.read()) if resp.status == 200 else None
-                    last = f"HTTP {resp.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = repr(exc)
-                time.sleep(0.2)
-        assert body is not None, f"{url} did not answer 200 within 20 s (last: {last}){printed()}"
+                pytest.fail(f"serve exited {proc.returncode} before printing its start line{printed()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve printed no start line within 20 s{printed()}")
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port_from_start_line(out_path.read_text())}/healthz"
+        try:  # no retry: the start line is printed once the socket listens
+            with opener.open(url, timeout=10.0) as resp:
+                body = orjson.loads(resp.read())
+        except (urllib.error.URLError, OSError) as exc:
+            pytest.fail(f"{url} did not answer 200 ({exc!r}){printed()}")
         assert body["status"] == "ok" and Path(body["runs_dir"]).resolve() == runs.resolve(), body
         proc.send_signal(signal.SIGTERM)
         try:
@@ -232,7 +229,6 @@ def test_serve_answers_healthz(venv: Path, work: Path, outside: Path) -> None:
         except subprocess.TimeoutExpired:
             pytest.fail(f"serve did not stop within 20 s of SIGTERM{printed()}")
         assert code == 0, f"serve exited {code} on SIGTERM{printed()}"
-        assert f":{port}" in out_path.read_text(), f"no start line naming port {port}{printed()}"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -156,14 +156,10 @@ def test_base_url_password_is_a_secret() -> None:
 
 
 async def test_base_url_password_never_reaches_a_record_a_log_or_the_client(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refused_port: int
 ) -> None:
-    import socket
-
     caplog.set_level(logging.DEBUG)
-    with socket.socket() as sock:  # a port nothing listens on: the upstream is unreachable
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refused_port  # the upstream is unreachable
     password = "pw-" + pysecrets.token_hex(10)
     cfg = Config(runs_dir=tmp_path / "runs", flush_interval_s=0.05,
                  upstreams=(Upstream(name="u", base_url=f"http://me:{password}@127.0.0.1:{port}/v1"),))  # fmt: skip
