@@ -332,57 +332,64 @@ def _access(raw: Any) -> Access:
                   admin_token_env=_env_value(raw, "admin_token_env"))  # fmt: skip
 
 
-def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
+def _upstreams(raw: Any, default: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+    if raw is None:
+        return default
+    if not isinstance(raw, list) or not raw:
+        raise _fail("upstreams", "must be a non-empty list")
+    upstreams = tuple(_upstream(u, i) for i, u in enumerate(raw))
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise _fail("upstreams", "names must be unique")
+    return upstreams
+
+
+def _timeouts(raw: Any, d: Timeouts) -> Timeouts:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise _fail("timeouts", "must be a mapping")
+    _check_keys(raw, KEYS["timeouts"], "timeouts.")
+    return Timeouts(
+        connect_s=_num(raw, "connect_s", "timeouts.", d.connect_s, allow_none=True),
+        read_s=_num(raw, "read_s", "timeouts.", d.read_s, allow_none=True),
+        total_s=_num(raw, "total_s", "timeouts.", d.total_s, allow_none=True),
+    )
+
+
+def _prices(raw: Any) -> tuple[Path | None, tuple[Any, ...]]:
+    """prices.file (relative to the working directory) and the parsed prices.custom rules."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise _fail("prices", "must be a mapping")
+    _check_keys(raw, KEYS["prices"], "prices.")
+    file = _str(raw, "file", "prices.", None)
+    if raw.get("custom") is None:
+        return (Path(file) if file else None), ()
+    from proxy.pricing import parse_custom_prices
+
+    try:
+        return (Path(file) if file else None), parse_custom_prices(raw["custom"])
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
+
+
+def from_mapping(raw: dict[str, Any]) -> Config:
     """Build a Config from a parsed YAML mapping, failing on the first bad key."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the file must hold a mapping of keys")
     _check_keys(raw, KEYS[""], "")
     d = Config()
-    runs_dir = _str(raw, "runs_dir", "", str(d.runs_dir))
     run_id = _str(raw, "default_run_id", "", d.default_run_id)
     if not RUN_ID_RE.fullmatch(run_id or ""):
         raise _fail("default_run_id", "must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'")
-    ups_raw = raw.get("upstreams")
-    if ups_raw is None:
-        upstreams = d.upstreams
-    elif not isinstance(ups_raw, list) or not ups_raw:
-        raise _fail("upstreams", "must be a non-empty list")
-    else:
-        upstreams = tuple(_upstream(u, i) for i, u in enumerate(ups_raw))
-        names = [u.name for u in upstreams]
-        if len(set(names)) != len(names):
-            raise _fail("upstreams", "names must be unique")
-    t_raw = raw.get("timeouts") or {}
-    if not isinstance(t_raw, dict):
-        raise _fail("timeouts", "must be a mapping")
-    _check_keys(t_raw, KEYS["timeouts"], "timeouts.")
-    timeouts = Timeouts(
-        connect_s=_num(t_raw, "connect_s", "timeouts.", d.timeouts.connect_s, allow_none=True),
-        read_s=_num(t_raw, "read_s", "timeouts.", d.timeouts.read_s, allow_none=True),
-        total_s=_num(t_raw, "total_s", "timeouts.", d.timeouts.total_s, allow_none=True),
-    )
-    prices = raw.get("prices") or {}
-    if not isinstance(prices, dict):
-        raise _fail("prices", "must be a mapping")
-    _check_keys(prices, KEYS["prices"], "prices.")
-    prices_file = _str(prices, "file", "prices.", None)
-    custom: tuple[Any, ...] = ()
-    if prices.get("custom") is not None:
-        from proxy.pricing import parse_custom_prices
-
-        try:
-            custom = parse_custom_prices(prices["custom"])
-        except ValueError as exc:
-            raise ConfigError(f"config: {exc}") from None
-    log_level = _choice(raw, "log_level", d.log_level, ("debug", "info", "warning", "error"))
-    resolve = (lambda p: (base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p))  # noqa: E731
+    prices_file, custom = _prices(raw.get("prices"))
     return Config(
         host=_str(raw, "host", "", d.host) or d.host,
         port=check_port(raw.get("port", d.port), "port"),
-        runs_dir=Path(runs_dir or d.runs_dir),
+        runs_dir=Path(_str(raw, "runs_dir", "", str(d.runs_dir)) or d.runs_dir),
         default_run_id=run_id or d.default_run_id,
-        upstreams=upstreams,
-        timeouts=timeouts,
+        upstreams=_upstreams(raw.get("upstreams"), d.upstreams),
+        timeouts=_timeouts(raw.get("timeouts"), d.timeouts),
         max_body_bytes=_num(raw, "max_body_bytes", "", d.max_body_bytes, integer=True, minimum=1),
         client_body_timeout_s=_positive(raw, "client_body_timeout_s", d.client_body_timeout_s),
         max_header_bytes=_num(raw, "max_header_bytes", "", d.max_header_bytes, integer=True, minimum=1024),
@@ -391,9 +398,9 @@ def from_mapping(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         fsync=_choice(raw, "fsync", d.fsync, ("never", "batch")),
         on_record_failure=_choice(raw, "on_record_failure", d.on_record_failure, ("refuse", "pass")),
         shutdown_grace_s=_num(raw, "shutdown_grace_s", "", d.shutdown_grace_s),
-        prices_file=resolve(prices_file) if prices_file else None,
+        prices_file=prices_file,
         custom_prices=custom,
-        log_level=log_level,
+        log_level=_choice(raw, "log_level", d.log_level, ("debug", "info", "warning", "error")),
         event_loop=_choice(raw, "event_loop", d.event_loop, ("auto", "asyncio", "uvloop")),
         budgets=_budgets(raw.get("budgets")),
         access=_access(raw.get("access")),
@@ -413,7 +420,7 @@ def load(path: Path | None) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return from_mapping(raw or {}, base_dir=None)
+    return from_mapping(raw or {})
 
 
 def with_overrides(
