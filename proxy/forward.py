@@ -443,7 +443,8 @@ class Forwarder:
             if call.error is None:
                 self._check_stream_end(call)
             if call.error is not None and call.error.category in ("timeout", "stream_interrupted"):
-                await resp.write(_stream_error_event(meter.dialect, call.error))
+                message = f"metering-proxy: {call.error.detail} (error id {call.error.id})"
+                await resp.write(meter.spec.error_event(call.error.category, message))
             await resp.write_eof()
         except ConnectionError:
             if not call.delivered:
@@ -592,20 +593,3 @@ def _error_detail(body: bytes, status: int) -> str:
         message = err.get("message") or ""
         return f"upstream answered {status}" + (f" ({fields})" if fields else "") + f": {message}"
     return f"upstream answered {status}: {err}"
-
-
-def _stream_error_event(dialect: str, error: ErrorInfo) -> bytes:
-    """The error event that ends a broken stream, in the client's own protocol."""
-    message = f"metering-proxy: {error.detail} (error id {error.id})"
-    kind = "timeout_error" if error.category == "timeout" else "api_error"
-    payload: dict[str, Any]
-    if dialect == "messages":
-        payload = {"type": "error", "error": {"type": kind, "message": message}}
-        return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
-    if dialect == "responses":
-        payload = {"type": "error", "code": error.category, "message": message, "param": None}
-        return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
-    if dialect == "ollama":  # Ollama's own mid-stream error: an NDJSON {"error": "..."} line
-        return b"\n" + orjson.dumps({"error": message}) + b"\n"
-    payload = {"error": {"message": message, "type": "server_error", "param": None, "code": error.category}}
-    return b"\n\ndata: " + orjson.dumps(payload) + b"\n\n"

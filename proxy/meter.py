@@ -8,6 +8,8 @@ gets, except for dropping the usage-only chunk the proxy itself asked for (``str
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -48,13 +50,14 @@ class Meter:
     """Collects what one response reveals about usage, timing and errors."""
 
     __slots__ = (
-        "dialect", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
+        "dialect", "spec", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
         "service_tier", "usage_final", "_anthropic_usage", "_overhead", "_line",
     )  # fmt: skip
 
     def __init__(self, dialect: str, strip_usage: bool = False) -> None:
         self.dialect = dialect
+        self.spec = DIALECTS[dialect]
         self.strip_usage = strip_usage
         self.decoder = SSEDecoder()
         self.usage_raw: dict[str, Any] | None = None
@@ -80,7 +83,7 @@ class Meter:
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Meter one stream chunk; return the bytes to pass on (the chunk itself unless stripping)."""
-        if self.dialect == "ollama":
+        if self.spec.ndjson:
             self._ndjson(chunk, now)
             return chunk
         aligned = not self.decoder.pending
@@ -96,7 +99,7 @@ class Meter:
 
     def finish(self, now: float) -> bytes:
         """Meter what is left when the stream ends; return any bytes still owed to the client."""
-        if self.dialect == "ollama":
+        if self.spec.ndjson:
             self._ndjson(b"\n", now)
             return b""
         events = self.decoder.flush()
@@ -129,13 +132,7 @@ class Meter:
         if ev.is_error_field:
             self._error_from(obj)
             return True
-        if self.dialect == "messages":
-            self._anthropic_event(ev.event or obj.get("type"), obj, now)
-        elif self.dialect == "responses":
-            self._responses_event(ev.event or obj.get("type"), obj, now)
-        else:
-            return self._chat_chunk(obj, now, data)
-        return True
+        return self.spec.event(self, ev.event or obj.get("type"), obj, now, data)
 
     def _ndjson(self, chunk: bytes, now: float) -> None:
         """Ollama's native streams: one JSON object per line; the last has done: true and metrics."""
@@ -335,22 +332,27 @@ class Meter:
             return False
         if not isinstance(obj, dict):
             return False
-        if self.dialect == "responses":
-            self._responses_object(obj)
-            self.output_chars += _text_len(obj.get("output"))
-            return True
-        if self.dialect == "ollama":
-            self._ollama_object(obj, 0.0)
-            return True
+        self.spec.body(self, obj)
+        return True
+
+    def _responses_body(self, obj: dict[str, Any]) -> None:
+        self._responses_object(obj)
+        self.output_chars += _text_len(obj.get("output"))
+
+    def _anthropic_body(self, obj: dict[str, Any]) -> None:
         if isinstance(obj.get("model"), str):
             self.model = obj["model"]
         if isinstance(obj.get("usage"), dict):
             self.usage_raw = obj["usage"]
-        if self.dialect == "messages":
-            if isinstance(obj.get("stop_reason"), str):
-                self.finish_reason = obj["stop_reason"]
-            self.output_chars += _text_len(obj.get("content"))
-            return True
+        if isinstance(obj.get("stop_reason"), str):
+            self.finish_reason = obj["stop_reason"]
+        self.output_chars += _text_len(obj.get("content"))
+
+    def _chat_body(self, obj: dict[str, Any]) -> None:
+        if isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        if isinstance(obj.get("usage"), dict):
+            self.usage_raw = obj["usage"]
         choices = obj.get("choices")
         for choice in choices if isinstance(choices, list) else ():  # a non-list must not raise
             if isinstance(choice, dict):
@@ -360,20 +362,77 @@ class Meter:
         if self.usage_raw is None and isinstance(_as_dict(obj.get("x_groq")).get("usage"), dict):
             self.usage_raw = obj["x_groq"]["usage"]
         self._extras(obj)
-        return True
 
     def usage(self) -> U.Usage | None:
         """Return the normalised usage the upstream reported, or None if it reported none."""
         raw = self.usage_raw
-        if raw is None:
-            return None
-        if self.dialect == "messages":
-            return U.from_anthropic(raw, self.service_tier)
-        if self.dialect == "responses":
-            return U.from_responses(raw, self.service_tier)
-        if self.dialect == "ollama":
-            return U.from_ollama_native(raw)
-        return U.from_raw(raw, self.service_tier)
+        return None if raw is None else self.spec.usage(raw, self.service_tier)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one API family's responses are read and how its streams end in error: the only dialect switch."""
+
+    ndjson: bool
+    """Streams are JSON lines (Ollama's native API), not Server-Sent Events."""
+    event: Callable[[Meter, Any, dict[str, Any], float, bytes], bool]
+    """Meter one parsed stream event (meter, event type, object, time, raw data); False drops it."""
+    body: Callable[[Meter, dict[str, Any]], None]
+    """Meter a complete (buffered) JSON body."""
+    usage: Callable[[dict[str, Any], str | None], U.Usage]
+    """Normalise the reported usage block (raw, service tier)."""
+    error_event: Callable[[str, str], bytes]
+    """The event that ends a broken stream, in the client's own protocol (category, message)."""
+
+
+def _chat_error(category: str, message: str) -> bytes:
+    payload = {"error": {"message": message, "type": "server_error", "param": None, "code": category}}
+    return b"\n\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _anthropic_error(category: str, message: str) -> bytes:
+    payload = {"type": "error", "error": {"type": "timeout_error" if category == "timeout" else "api_error",
+                                          "message": message}}  # fmt: skip
+    return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _responses_error(category: str, message: str) -> bytes:
+    payload = {"type": "error", "code": category, "message": message, "param": None}
+    return b"\n\nevent: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _ollama_error(category: str, message: str) -> bytes:
+    return b"\n" + orjson.dumps({"error": message}) + b"\n"  # Ollama's own mid-stream error: an NDJSON line
+
+
+def _anthropic_event(m: Meter, kind: Any, obj: dict[str, Any], now: float, data: bytes) -> bool:
+    m._anthropic_event(kind, obj, now)
+    return True
+
+
+def _responses_event(m: Meter, kind: Any, obj: dict[str, Any], now: float, data: bytes) -> bool:
+    m._responses_event(kind, obj, now)
+    return True
+
+
+def _no_event(m: Meter, kind: Any, obj: dict[str, Any], now: float, data: bytes) -> bool:
+    return True  # NDJSON streams are read line by line (Meter._ndjson), not as events
+
+
+_CHAT = Dialect(ndjson=False, event=lambda m, kind, obj, now, data: m._chat_chunk(obj, now, data),
+                body=Meter._chat_body, usage=U.from_raw, error_event=_chat_error)  # fmt: skip
+#: Every dialect the meter reads, by the name the endpoint table gives it (routes.ENDPOINTS).
+DIALECTS: dict[str, Dialect] = {
+    "chat": _CHAT,
+    "completions": _CHAT,
+    "embeddings": _CHAT,
+    "messages": Dialect(ndjson=False, event=_anthropic_event, body=Meter._anthropic_body, usage=U.from_anthropic,
+                        error_event=_anthropic_error),
+    "responses": Dialect(ndjson=False, event=_responses_event, body=Meter._responses_body,
+                         usage=U.from_responses, error_event=_responses_error),
+    "ollama": Dialect(ndjson=True, event=_no_event, body=lambda m, obj: m._ollama_object(obj, 0.0),
+                      usage=lambda raw, tier: U.from_ollama_native(raw), error_event=_ollama_error),
+}  # fmt: skip
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -463,3 +463,26 @@ def test_ollama_ndjson_error_line() -> None:
     meter = Meter("ollama")
     meter.feed(b'{"model":"m","response":"a","done":false}\n{"error":"model runner crashed"}\n', 1.0)
     assert meter.error_category == "server_error" and "crashed" in (meter.error_detail or "")
+
+
+# -- the dialect registry ----------------------------------------------------------------------
+
+
+def test_every_endpoint_has_a_dialect() -> None:
+    from proxy.meter import DIALECTS
+    from proxy.routes import ENDPOINTS as TABLE
+
+    assert {e.dialect for e in TABLE} == set(DIALECTS)
+
+
+@pytest.mark.parametrize("dialect", sorted(__import__("proxy.meter", fromlist=["DIALECTS"]).DIALECTS))
+def test_the_error_event_of_each_dialect_reads_back_as_an_error(dialect: str) -> None:
+    """The event a broken stream ends with is one its own clients (and our meter) see as an error."""
+    from proxy.meter import DIALECTS
+
+    event = DIALECTS[dialect].error_event("timeout", "metering-proxy: gone (error id abc)")
+    meter = Meter(dialect)
+    meter.feed(event, 1.0)
+    meter.finish(2.0)
+    assert meter.error_category is not None, (dialect, event)
+    assert "gone" in (meter.error_detail or "")
