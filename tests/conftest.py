@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -19,8 +20,13 @@ from aiohttp.typedefs import Handler
 
 from proxy.app import SINK, make_app
 from proxy.config import Config, Timeouts, Upstream
+from proxy.records import Record
 
 PAYLOADS = Path(__file__).parent / "payloads"
+
+#: The API key test clients send unless a test says otherwise: shaped like a real one, so the checks that a
+#: key never reaches a record, a log line or an error detail have something to find.
+KEY = "sk-test-secret-key-123456"
 
 
 def payload_cases() -> list[tuple[str, str]]:
@@ -467,6 +473,36 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+def make_client(proxy: ProxyUnderTest, *, run_id: str | None = None, api_key: str = KEY,
+                headers: Mapping[str, str] | None = None, base_url: str | None = None) -> openai.AsyncOpenAI:
+    """The openai SDK's async client for a proxy under test, never retrying (a test sees each answer as sent).
+
+    run_id: sent as X-Run-Id (None: none, so the run comes from base_url's /run/<id>/ or is "default");
+    headers: sent on every call; base_url: instead of the proxy's /v1.
+    """
+    default_headers = {"X-Run-Id": run_id} if run_id is not None else {}
+    default_headers.update(headers or {})
+    return openai.AsyncOpenAI(base_url=base_url or proxy.base_url, api_key=api_key, max_retries=0,
+                              default_headers=default_headers)  # fmt: skip
+
+
+#: Every field a Record needs, as for a plain successful non-streamed chat call with upstream usage.
+RECORD_DEFAULTS: dict[str, Any] = {
+    "ts": "2026-01-01T00:00:00.000Z", "run_id": "r", "request_id": "req_1", "task": None, "tags": {},
+    "endpoint": "/v1/chat/completions", "method": "POST", "upstream": "u", "provider": None,
+    "requested_model": "m", "model": "m", "stream": False, "status": 200, "success": True, "finish_reason": "stop",
+    "input_tokens": 1, "cached_input_tokens": 0, "cache_write_tokens": 0, "cache_write_5m_tokens": None,
+    "cache_write_1h_tokens": None, "output_tokens": 2, "reasoning_tokens": 0, "total_tokens": 3,
+    "usage_source": "upstream", "usage_raw": None, "stream_usage_injected": False, "ttfb_ms": 1.0, "ttft_ms": None,
+    "duration_ms": 2.0, "tokens_per_second": None, "server_timing": None, "upstream_request_id": None, "error": None,
+}  # fmt: skip
+
+
+def make_record(**overrides: Any) -> Record:
+    """A Record built from RECORD_DEFAULTS with the given fields changed (an unknown field is a TypeError)."""
+    return Record(**{**RECORD_DEFAULTS, **overrides})
 
 
 async def health(base: str) -> tuple[int, dict[str, Any]]:

@@ -15,10 +15,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.conftest import FakeUpstream
+from tests.conftest import KEY, FakeUpstream
 
 MSG: Any = [{"role": "user", "content": "Say hello to the tests."}]
-KEY = "sk-test-secret-key-123456"
 CHAT = "/v1/chat/completions"
 
 

@@ -17,15 +17,12 @@ from proxy.app import make_app
 from proxy.cli import main
 from proxy.config import Access, BudgetRule, Budgets, Config, ConfigError, Upstream
 from proxy.pricing import BUNDLED_PRICES, PriceBook
-from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest
+from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest, make_client
 
 KEY = "mp-proxykey-0123456789"
+#: What the clients here send in Authorization unless a test says otherwise: their upstream key.
+UPSTREAM_KEY = "sk-upstream-key-42"
 MSGS = [{"role": "user", "content": "hi"}]
-
-
-def client(proxy: ProxyUnderTest, api_key: str = "sk-upstream-key-42", **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key=api_key, max_retries=0,
-                              default_headers={"X-Run-Id": "acc", **headers})  # fmt: skip
 
 
 async def chat(c: openai.AsyncOpenAI) -> Any:
@@ -84,7 +81,7 @@ async def test_missing_or_wrong_key_is_401_with_a_rejected_record(
 
 async def test_wrong_key_in_authorization(make_proxy: ProxyFactory, fake_upstream: FakeUpstream) -> None:
     proxy = await make_proxy(access=Access(proxy_keys=(KEY,)))
-    exc = await chat(client(proxy, api_key="sk-this-is-my-openai-key"))
+    exc = await chat(make_client(proxy, run_id="acc", api_key="sk-this-is-my-openai-key"))
     assert isinstance(exc, openai.AuthenticationError)
     assert exc.response.json()["error"]["code"] == "invalid_proxy_key" and "X-Proxy-Key" in exc.message
     assert not fake_upstream.requests
@@ -94,10 +91,10 @@ async def test_right_key_in_x_proxy_key_keeps_client_authorization(
     make_proxy: ProxyFactory, fake_upstream: FakeUpstream
 ) -> None:
     proxy = await make_proxy(access=Access(proxy_keys=("other-key", KEY)))
-    resp = await chat(client(proxy, **{"X-Proxy-Key": KEY}))
+    resp = await chat(make_client(proxy, run_id="acc", api_key=UPSTREAM_KEY, headers={"X-Proxy-Key": KEY}))
     assert resp.choices[0].message.content == "Hello there!"
     sent = fake_upstream.requests[-1]["headers"]
-    assert sent["Authorization"] == "Bearer sk-upstream-key-42"
+    assert sent["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert not any(k.lower() == "x-proxy-key" or KEY in v for k, v in sent.items())
     [rec] = await proxy.wait_records("acc", 1)
     assert rec["success"] is True
@@ -107,7 +104,7 @@ async def test_right_key_in_authorization_is_stripped(
     make_proxy: ProxyFactory, fake_upstream: FakeUpstream
 ) -> None:
     proxy = await make_proxy(access=Access(proxy_keys=(KEY,)))
-    resp = await chat(client(proxy, api_key=KEY))
+    resp = await chat(make_client(proxy, run_id="acc", api_key=KEY))
     assert resp.choices[0].message.content == "Hello there!"
     sent = fake_upstream.requests[-1]["headers"]
     assert "Authorization" not in sent and not any(KEY in v for v in sent.values())
@@ -132,10 +129,10 @@ async def test_key_in_authorization_with_injected_upstream_key(
     monkeypatch.setenv("MP_TEST_PROXY_KEYS", f" first-key , {KEY},")
     up = Upstream(name="fake", base_url=fake_upstream.base_url, api_key_env="MP_TEST_UPSTREAM_KEY")
     proxy = await make_proxy(upstreams=(up,), access=Access(proxy_keys_env="MP_TEST_PROXY_KEYS"))
-    resp = await chat(client(proxy, api_key=KEY))
+    resp = await chat(make_client(proxy, run_id="acc", api_key=KEY))
     assert resp.choices[0].message.content == "Hello there!"
     assert fake_upstream.requests[-1]["headers"]["Authorization"] == "Bearer sk-injected-by-proxy"
-    assert isinstance(await chat(client(proxy, api_key="not-a-key")), openai.AuthenticationError)
+    assert isinstance(await chat(make_client(proxy, run_id="acc", api_key="not-a-key")), openai.AuthenticationError)
 
 
 def test_keys_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,34 +275,30 @@ async def test_no_secret_or_prompt_in_logs_or_records(make_proxy: ProxyFactory, 
     )  # fmt: skip
     msgs = [{"role": "system", "content": PROMPT}, {"role": "user", "content": PROMPT}]
 
-    def c(**headers: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0,
-                                  default_headers={"X-Run-Id": "secrets", "X-Proxy-Key": KEY,
-                                                   **headers})  # fmt: skip
-
-    async def call(stream: bool = False, **headers: str) -> None:
+    async def call(stream: bool = False, headers: dict[str, str] | None = None) -> None:
+        c = make_client(proxy, run_id="secrets", api_key=API_KEY, headers={"X-Proxy-Key": KEY, **(headers or {})})
         try:
             if stream:
-                async for _ in await c(**headers).chat.completions.create(model="gpt-4o-mini", messages=msgs,
-                                                                          stream=True):  # fmt: skip
+                async for _ in await c.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True):
                     pass
             else:
-                await c(**headers).chat.completions.create(model="gpt-4o-mini", messages=msgs)
+                await c.chat.completions.create(model="gpt-4o-mini", messages=msgs)
         except openai.APIError:
             pass
 
     await call()  # success
     await call(stream=True)  # streamed success
-    await call(**{"X-Fake": "status:401:long"})  # upstream error echoing the key
-    await call(**{"X-Fake": "status:500"})  # upstream error
-    await call(stream=True, **{"X-Fake": "cut"})  # stream broken off
-    await call(**{"X-Proxy-Key": WRONG})  # refused: wrong proxy key
-    await call(**{"X-Run-Id": "capped"})  # refused: budget
-    await call(**{"X-Run-Budget-Usd": "lots"})  # refused: invalid budget header
+    await call(headers={"X-Fake": "status:401:long"})  # upstream error echoing the key
+    await call(headers={"X-Fake": "status:500"})  # upstream error
+    await call(stream=True, headers={"X-Fake": "cut"})  # stream broken off
+    await call(headers={"X-Proxy-Key": WRONG})  # refused: wrong proxy key
+    await call(headers={"X-Run-Id": "capped"})  # refused: budget
+    await call(headers={"X-Run-Budget-Usd": "lots"})  # refused: invalid budget header
     for path in ("/metrics", "/runs/secrets"):
         await get(proxy, path, **{"X-Admin-Token": WRONG})
         await get(proxy, path, Authorization=f"Bearer {ADMIN}")
-    recs = await proxy.wait_records("secrets", 6)
+    await proxy.settle(8)  # 6 in secrets.jsonl, one each in capped.jsonl and .rejected.jsonl
+    recs = await proxy.records("secrets")
     assert len(recs) == 6 and len(rejected(proxy)) == 1
     assert len(fake_upstream.requests) == 5
     files = sorted(p for p in proxy.runs_dir.rglob("*") if p.is_file())

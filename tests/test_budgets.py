@@ -14,7 +14,7 @@ from proxy import budgets as B
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import JsonlSink, Record
-from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest
+from tests.conftest import FakeUpstream, ProxyFactory, make_client
 
 MSGS = [{"role": "user", "content": "Hi"}]
 # The fake upstream answers every chat call with 11 input + 3 output tokens; gpt-4o-mini costs
@@ -26,11 +26,6 @@ PRICES = PriceBook.load(BUNDLED_PRICES)
 
 def usd(units: int) -> float:
     return units / B.UNITS
-
-
-def client(proxy: ProxyUnderTest, run_id: str, **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0,
-                              default_headers={"X-Run-Id": run_id, **headers})  # fmt: skip
 
 
 async def chat(c: openai.AsyncOpenAI, **kwargs: Any) -> Any:
@@ -58,7 +53,7 @@ async def test_usd_budget_counts_spend_until_429(
 ) -> None:
     limit = 3 * CALL_UNITS  # exactly three calls' worth
     proxy = await make_proxy(pricebook=PRICES, budgets=budgets(usd(limit)))
-    c = client(proxy, "usd-run")
+    c = make_client(proxy, run_id="usd-run")
     seen = []
     for i in range(3):
         # max_tokens=3 reserves 9 * 1500 + 3 * 6000 units, under the actual cost: all three fit.
@@ -97,7 +92,7 @@ async def test_token_budget(make_proxy: ProxyFactory, fake_upstream: FakeUpstrea
     proxy = await make_proxy(
         pricebook=PRICES, budgets=budgets(None, None, BudgetRule(match="tok-*", tokens=28))
     )
-    c = client(proxy, "tok-1")
+    c = make_client(proxy, run_id="tok-1")
     for i, (spent, left) in enumerate((("0", "28"), ("14", "14"))):
         await proxy.wait_records("tok-1", i)  # spend counts records: let the last one land
         resp = await chat(c, max_tokens=3)
@@ -114,7 +109,7 @@ async def test_token_budget(make_proxy: ProxyFactory, fake_upstream: FakeUpstrea
         " (set by budgets.runs[0] 'tok-*'). Nothing was sent upstream."
     )
     # A run the rule does not match has no budget and no budget headers.
-    other = await chat(client(proxy, "other"), max_tokens=3)
+    other = await chat(make_client(proxy, run_id="other"), max_tokens=3)
     assert other.status_code == 200 and "X-Run-Spend-Tokens" not in other.headers
     assert len(fake_upstream.requests) == 3
 
@@ -122,7 +117,7 @@ async def test_token_budget(make_proxy: ProxyFactory, fake_upstream: FakeUpstrea
 async def test_reservation_that_would_cross_is_refused(make_proxy: ProxyFactory,
                                                        fake_upstream: FakeUpstream) -> None:  # fmt: skip
     proxy = await make_proxy(pricebook=PRICES, budgets=budgets(None, 500))
-    c = client(proxy, "big")
+    c = make_client(proxy, run_id="big")
     exc = await chat(c, max_tokens=1000)
     assert refusal(exc) == (
         "Run 'big' would exceed its token budget: spent 0 tokens + 0 tokens reserved by calls in flight"
@@ -140,21 +135,21 @@ async def test_header_and_config_precedence(make_proxy: ProxyFactory, fake_upstr
     rule = BudgetRule(match="eval-*", usd=0.5)
     proxy = await make_proxy(pricebook=PRICES, budgets=budgets(1.0, 14, rule))
     # Rule stricter than the default: the rule's limit and name.
-    resp = await chat(client(proxy, "eval-a"), max_tokens=1)
+    resp = await chat(make_client(proxy, run_id="eval-a"), max_tokens=1)
     assert resp.headers["X-Run-Budget-Remaining-Usd"] == "0.5"
     await proxy.wait_records("eval-a", 1)
     # Header stricter than config: the header's limit wins and is named.
-    c = client(proxy, "eval-a", **{"X-Run-Budget-Usd": "0.000001"})
+    c = make_client(proxy, run_id="eval-a", headers={"X-Run-Budget-Usd": "0.000001"})
     assert "spent $0.00000345 of its $0.000001 limit (set by X-Run-Budget-Usd header)" in refusal(
         await chat(c)
     )
     # Header looser than config: the config's limit still holds (tokens: 14 by budgets.default).
-    c = client(proxy, "eval-a", **{"X-Run-Budget-Tokens": "1000000"})
+    c = make_client(proxy, run_id="eval-a", headers={"X-Run-Budget-Tokens": "1000000"})
     msg = refusal(await chat(c, max_tokens=1))
     assert "spent 14 tokens of its 14-token limit (set by budgets.default)" in msg
     # A header alone budgets a run the config does not limit (looser default skipped here by a fresh run).
     proxy2 = await make_proxy(pricebook=PRICES)
-    c = client(proxy2, "self-capped", **{"X-Run-Budget-Tokens": "20"})
+    c = make_client(proxy2, run_id="self-capped", headers={"X-Run-Budget-Tokens": "20"})
     ok = await chat(c, max_tokens=1)
     assert ok.headers["X-Run-Spend-Tokens"] == "0" and ok.headers["X-Run-Budget-Remaining-Tokens"] == "20"
     await proxy2.wait_records("self-capped", 1)
@@ -172,7 +167,7 @@ async def test_invalid_budget_header_is_400(
     make_proxy: ProxyFactory, fake_upstream: FakeUpstream, header: str, value: str
 ) -> None:
     proxy = await make_proxy(pricebook=PRICES)
-    exc = await chat(client(proxy, "bad", **{header: value}))
+    exc = await chat(make_client(proxy, run_id="bad", headers={header: value}))
     assert isinstance(exc, openai.BadRequestError)
     err = exc.response.json()["error"]
     assert err["code"] == "invalid_budget" and err["param"] == header and header in err["message"]
@@ -184,13 +179,13 @@ async def test_invalid_budget_header_is_400(
 async def test_resume_after_restart(make_proxy: ProxyFactory, fake_upstream: FakeUpstream) -> None:
     cfg = {"pricebook": PRICES, "budgets": budgets(usd(2 * CALL_UNITS), 100)}
     first = await make_proxy(**cfg)
-    c = client(first, "long-run")
+    c = make_client(first, run_id="long-run")
     assert (await chat(c, max_tokens=1)).status_code == 200
     assert (await chat(c, max_tokens=1)).status_code == 200
     await first.wait_records("long-run", 2)
     await first.server.close()  # the "restart": a new proxy on the same runs dir
     second = await make_proxy(**cfg)
-    exc = await chat(client(second, "long-run"), max_tokens=1)
+    exc = await chat(make_client(second, run_id="long-run"), max_tokens=1)
     assert "has reached its USD budget: spent $0.0000069 of its $0.0000069 limit" in refusal(exc)
     assert exc.response.headers["X-Run-Spend-Tokens"] == "28"
     assert len(fake_upstream.requests) == 2
@@ -207,7 +202,7 @@ async def test_resume_reads_file_once_skipping_torn_lines(make_proxy: ProxyFacto
     data = b"".join(orjson.dumps(x) + b"\n" for x in lines) + b'{"request_id": "req_torn", "cost_us'
     (runs / "resumed.jsonl").write_bytes(data)
     proxy = await make_proxy(pricebook=PRICES, budgets=budgets(1.0, 2000))
-    c = client(proxy, "resumed")
+    c = make_client(proxy, run_id="resumed")
     resp = await chat(c, max_tokens=1)
     assert resp.headers["X-Run-Spend-Usd"] == "0.75" and resp.headers["X-Run-Spend-Tokens"] == "1510"
     tracker = proxy.server.app[B.BUDGETS]
@@ -281,7 +276,7 @@ async def test_overshoot_bound_under_concurrency(make_proxy: ProxyFactory, fake_
     assert limit // reserved == admitted
     proxy = await make_proxy(pricebook=PRICES, budgets=budgets(usd(limit)))
     # Each upstream call takes 0.3 s, so all 20 are in flight together (no record yet to count).
-    c = client(proxy, "swarm", **{"X-Fake": "think:0.3"})
+    c = make_client(proxy, run_id="swarm", headers={"X-Fake": "think:0.3"})
     results = await asyncio.wait_for(asyncio.gather(*(chat(c, max_tokens=max_tokens) for _ in range(20))), 10)
     ok = [r for r in results if not isinstance(r, Exception)]
     refused = [refusal(r) for r in results if isinstance(r, Exception)]
@@ -295,7 +290,7 @@ async def test_overshoot_bound_under_concurrency(make_proxy: ProxyFactory, fake_
     assert 20 * CALL_UNITS > limit + bound  # without reservations the run would have overshot
     assert len(fake_upstream.requests) == admitted
     # Every reservation was released with its record: the next call sees only recorded spend.
-    resp = await chat(client(proxy, "swarm"), max_tokens=max_tokens)
+    resp = await chat(make_client(proxy, run_id="swarm"), max_tokens=max_tokens)
     spent = B.fmt_usd(spend)
     if spend + reserved <= limit:
         assert resp.headers["X-Run-Spend-Usd"] == spent
@@ -327,7 +322,7 @@ async def test_resume_never_reads_through_a_planted_link(make_proxy: ProxyFactor
     before = spent.read_bytes()
     (runs / "linked.jsonl").symlink_to(spent)
     proxy = await make_proxy(pricebook=PRICES, budgets=budgets(1.0, 2000))
-    exc = await chat(client(proxy, "linked"), max_tokens=1)
+    exc = await chat(make_client(proxy, run_id="linked"), max_tokens=1)
     assert isinstance(exc, openai.InternalServerError) and exc.status_code == 503, exc
     err = exc.response.json()["error"]
     assert err["code"] == "recording_unavailable"
@@ -336,4 +331,4 @@ async def test_resume_never_reads_through_a_planted_link(make_proxy: ProxyFactor
     assert fake_upstream.requests == [] and proxy.server.app[B.BUDGETS].spend("linked") is None
     assert spent.read_bytes() == before
     # A run with a real file is replayed as before.
-    assert (await chat(client(proxy, "fine"), max_tokens=1)).status_code == 200
+    assert (await chat(make_client(proxy, run_id="fine"), max_tokens=1)).status_code == 200

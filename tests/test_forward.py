@@ -7,19 +7,11 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import FakeUpstream, ProxyUnderTest
-
-
-def client(proxy: ProxyUnderTest, run_id: str | None = "r1", **headers: str) -> openai.AsyncOpenAI:
-    extra = dict(headers)
-    if run_id is not None:
-        extra["X-Run-Id"] = run_id
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test-secret-key-123456", max_retries=0,
-                              default_headers=extra)  # fmt: skip
+from tests.conftest import FakeUpstream, ProxyUnderTest, make_client
 
 
 async def test_chat_nonstream_record(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
-    c = client(proxy, **{"X-Task-Name": "summarise", "X-Meter-Tag-Variant": "A"})
+    c = make_client(proxy, run_id="r1", headers={"X-Task-Name": "summarise", "X-Meter-Tag-Variant": "A"})
     resp = await c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert resp.choices[0].message.content == "Hello there!"
     [rec] = await proxy.wait_records("r1", 1)
@@ -33,7 +25,7 @@ async def test_chat_nonstream_record(proxy: ProxyUnderTest, fake_upstream: FakeU
 
 
 async def test_chat_stream_injects_and_strips_usage(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
-    c = client(proxy)
+    c = make_client(proxy, run_id="r1")
     stream = await c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                                              stream=True)  # fmt: skip
     chunks = [ch async for ch in stream]
@@ -48,7 +40,7 @@ async def test_chat_stream_injects_and_strips_usage(proxy: ProxyUnderTest, fake_
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "x" * 200, ".x"])
 async def test_invalid_run_id(proxy: ProxyUnderTest, bad: str) -> None:
-    c = client(proxy, run_id=bad)
+    c = make_client(proxy, run_id=bad)
     with pytest.raises(openai.BadRequestError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert "not starting with '.'" in info.value.message
@@ -245,7 +237,7 @@ HI = [{"role": "user", "content": "hi"}]
 async def test_upstream_rejecting_stream_options_is_retried_once_and_remembered(
     proxy: ProxyUnderTest, fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    c = client(proxy, "strict", **{"X-Fake": "strict"})
+    c = make_client(proxy, run_id="strict", headers={"X-Fake": "strict"})
     for _ in range(3):
         stream = await c.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
         assert "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices]) == "Hello there!"
@@ -269,7 +261,7 @@ async def test_mistral_streams_with_and_without_the_client_asking_for_usage(
 
     up = Upstream(name="mistral", base_url=fake_upstream.base_url, provider="mistral" if known else None)
     proxy = await make_proxy(upstreams=(up,))
-    c = client(proxy, "mistral", **{"X-Fake": "mistral"})
+    c = make_client(proxy, run_id="mistral", headers={"X-Fake": "mistral"})
     opts: dict[str, Any] = {"stream_options": {"include_usage": True}} if asks else {}
     stream = await c.chat.completions.create(model="mistral-small-latest", messages=HI, stream=True, **opts)
     chunks = [ch async for ch in stream]
@@ -289,7 +281,7 @@ async def test_upstream_request_id_reaches_the_client_untouched(
     proxy: ProxyUnderTest, fake_upstream: FakeUpstream, fake: str
 ) -> None:
     """The SDK reports x-request-id as the id to quote to the provider: it must be the provider's."""
-    c = client(proxy, "ids", **{"X-Fake": fake, "X-Fake-Request-Id": "abc123"})
+    c = make_client(proxy, run_id="ids", headers={"X-Fake": fake, "X-Fake-Request-Id": "abc123"})
     if fake:
         with pytest.raises(openai.RateLimitError) as info:
             await c.chat.completions.create(model="gpt-4o-mini", messages=HI)

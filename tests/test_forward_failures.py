@@ -20,24 +20,14 @@ import orjson
 import pytest
 
 from proxy.config import Timeouts, Upstream
-from tests.conftest import PAYLOADS, FakeUpstream, ProxyFactory, ProxyUnderTest, health, wait_health
+from tests.conftest import KEY, PAYLOADS, FakeUpstream, ProxyFactory, ProxyUnderTest, health, make_client, wait_health
 
 MSG = [{"role": "user", "content": "Say hello to the tests."}]
-KEY = "sk-test-secret-key-123456"
 HEX12 = re.compile(r"[0-9a-f]{12}")
 CHAT_BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG})
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def client(proxy: ProxyUnderTest, run_id: str | None = "r1", base_url: str | None = None,
-           **headers: str) -> openai.AsyncOpenAI:  # fmt: skip
-    extra = dict(headers)
-    if run_id is not None:
-        extra["X-Run-Id"] = run_id
-    return openai.AsyncOpenAI(base_url=base_url or proxy.base_url, api_key=KEY, max_retries=0,
-                              default_headers=extra)  # fmt: skip
 
 
 def jsonl_files(proxy: ProxyUnderTest) -> list[str]:
@@ -133,7 +123,7 @@ async def until(predicate: Any, timeout: float) -> bool:
 async def test_upstream_error_json_reaches_client_unchanged(
     proxy: ProxyUnderTest, fake_upstream: FakeUpstream, status: int, category: str, exc_type: type
 ) -> None:
-    c = client(proxy, "up-err", **{"X-Fake": f"status:{status}"})
+    c = make_client(proxy, run_id="up-err", headers={"X-Fake": f"status:{status}"})
     with pytest.raises(exc_type) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert info.value.status_code == status
@@ -152,7 +142,7 @@ async def test_upstream_error_json_reaches_client_unchanged(
 
 
 async def test_upstream_error_on_a_stream_request(proxy: ProxyUnderTest) -> None:
-    c = client(proxy, "up-err-stream", **{"X-Fake": "status:429"})
+    c = make_client(proxy, run_id="up-err-stream", headers={"X-Fake": "status:429"})
     with pytest.raises(openai.RateLimitError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
     assert info.value.body == {"message": "fake error 429", "type": "fake_error", "param": None, "code": None}
@@ -184,7 +174,7 @@ async def test_upstream_503_without_body(proxy: ProxyUnderTest) -> None:
 
 
 async def test_long_upstream_error_detail_is_cut_and_scrubbed(proxy: ProxyUnderTest) -> None:
-    c = client(proxy, "long", **{"X-Fake": "status:401:long"})
+    c = make_client(proxy, run_id="long", headers={"X-Fake": "status:401:long"})
     with pytest.raises(openai.AuthenticationError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     # The client still gets the whole upstream body ...
@@ -209,7 +199,7 @@ async def test_upstream_200_without_usable_body(proxy: ProxyUnderTest, mode: str
 
 
 async def test_upstream_drops_mid_body(proxy: ProxyUnderTest) -> None:
-    c = client(proxy, "cutbody", **{"X-Fake": "cutbody"})
+    c = make_client(proxy, run_id="cutbody", headers={"X-Fake": "cutbody"})
     with pytest.raises(openai.InternalServerError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert info.value.status_code == 502
@@ -225,7 +215,7 @@ async def test_upstream_drops_mid_body(proxy: ProxyUnderTest) -> None:
 async def test_upstream_unreachable_gives_502(make_proxy: ProxyFactory, refused_port: int) -> None:
     port = refused_port
     proxy = await make_proxy(upstreams=(Upstream(name="dead", base_url=f"http://127.0.0.1:{port}/v1"),))
-    c = client(proxy, "dead")
+    c = make_client(proxy, run_id="dead")
     with pytest.raises(openai.InternalServerError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert info.value.status_code == 502
@@ -239,7 +229,7 @@ async def test_upstream_unreachable_gives_502(make_proxy: ProxyFactory, refused_
 
 async def test_upstream_hangs_gives_504(make_proxy: ProxyFactory, fake_upstream: FakeUpstream) -> None:
     proxy = await make_proxy(timeouts=Timeouts(connect_s=1, read_s=0.3, total_s=5))
-    c = client(proxy, "hang", **{"X-Fake": "hang"})
+    c = make_client(proxy, run_id="hang", headers={"X-Fake": "hang"})
     t0 = time.monotonic()
     with pytest.raises(openai.InternalServerError) as info:
         await asyncio.wait_for(c.chat.completions.create(model="gpt-4o-mini", messages=MSG), 5)
@@ -255,7 +245,7 @@ async def test_upstream_hangs_gives_504(make_proxy: ProxyFactory, fake_upstream:
 
 async def test_upstream_stalls_mid_stream(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(timeouts=Timeouts(connect_s=1, read_s=0.3, total_s=5))
-    c = client(proxy, "stall", **{"X-Fake-Delay": "0.6"})
+    c = make_client(proxy, run_id="stall", headers={"X-Fake-Delay": "0.6"})
     stream = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
     with pytest.raises(openai.APIError) as info:
         await asyncio.wait_for(_drain(stream), 5)
@@ -340,7 +330,7 @@ async def test_bad_request_is_refused_and_recorded(
 
 async def test_body_over_limit_gives_413(make_proxy: ProxyFactory, fake_upstream: FakeUpstream) -> None:
     proxy = await make_proxy(max_body_bytes=1000)
-    c = client(proxy, "big")
+    c = make_client(proxy, run_id="big")
     with pytest.raises(openai.APIStatusError) as info:
         await c.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 2000}]
@@ -361,7 +351,7 @@ async def test_model_without_route_gives_404(make_proxy: ProxyFactory, fake_upst
     proxy = await make_proxy(
         upstreams=(Upstream(name="x", base_url=fake_upstream.base_url, models=("llama*", "qwen2.5-*")),)
     )
-    c = client(proxy, "noroute")
+    c = make_client(proxy, run_id="noroute")
     with pytest.raises(openai.NotFoundError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     err_body = check_openai_error(info.value.response.json())
@@ -378,7 +368,7 @@ async def test_model_without_route_gives_404(make_proxy: ProxyFactory, fake_upst
 
 
 async def test_upstream_drops_mid_stream(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
-    c = client(proxy, "cut", **{"X-Fake": "cut"})
+    c = make_client(proxy, run_id="cut", headers={"X-Fake": "cut"})
     stream = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
     seen: list[str] = []
     with pytest.raises(openai.APIError) as info:  # the proxy ends the stream with an error event
@@ -530,7 +520,7 @@ async def test_in_band_stream_error(
 async def test_in_band_chat_error_with_sdk(proxy: ProxyUnderTest) -> None:
     if not (PAYLOADS / "openai" / "chat_stream_error.sse").exists():
         pytest.skip("no fixture openai/chat_stream_error")
-    c = client(proxy, "inband-sdk", **{"X-Fake": "fixture:openai/chat_stream_error"})
+    c = make_client(proxy, run_id="inband-sdk", headers={"X-Fake": "fixture:openai/chat_stream_error"})
     stream = await c.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
     seen: list[str] = []
     with pytest.raises(openai.APIError) as info:
@@ -685,7 +675,7 @@ async def test_sync_sdk_streams_are_successes(proxy: ProxyUnderTest) -> None:
 
 
 async def test_run_id_from_path_prefix(proxy: ProxyUnderTest) -> None:
-    c = client(proxy, None, base_url=proxy.url("/run/path-run.1/v1"))
+    c = make_client(proxy, base_url=proxy.url("/run/path-run.1/v1"))
     resp = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert resp.choices[0].message.content == "Hello there!"
     rec = await only_record(proxy, "path-run.1")
@@ -695,7 +685,7 @@ async def test_run_id_from_path_prefix(proxy: ProxyUnderTest) -> None:
 
 
 async def test_run_id_header_beats_path(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
-    c = client(proxy, "from-header", base_url=proxy.url("/run/from-path/v1"))
+    c = make_client(proxy, run_id="from-header", base_url=proxy.url("/run/from-path/v1"))
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     rec = await only_record(proxy, "from-header")
     assert rec["run_id"] == "from-header"
@@ -703,7 +693,7 @@ async def test_run_id_header_beats_path(proxy: ProxyUnderTest, fake_upstream: Fa
 
 
 async def test_invalid_run_id_in_path(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
-    c = client(proxy, None, base_url=proxy.url("/run/.hidden/v1"))
+    c = make_client(proxy, base_url=proxy.url("/run/.hidden/v1"))
     with pytest.raises(openai.BadRequestError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert check_openai_error(info.value.response.json())["code"] == "invalid_run_id"
@@ -713,7 +703,7 @@ async def test_invalid_run_id_in_path(proxy: ProxyUnderTest, fake_upstream: Fake
 
 
 async def test_models_pass_through_unmetered(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
-    for c in (client(proxy, "models"), client(proxy, None, base_url=proxy.url("/run/models2/v1"))):
+    for c in (make_client(proxy, run_id="models"), make_client(proxy, base_url=proxy.url("/run/models2/v1"))):
         page = await c.models.list()
         assert [m.id for m in page.data] == ["gpt-4o-mini"]
     assert [r["path"] for r in fake_upstream.requests] == ["/v1/models", "/v1/models"]
@@ -770,7 +760,7 @@ async def test_unwritable_runs_dir_refuses_calls(
     proxy = await make_proxy()
     body = await wait_health(proxy.url(""), 503, timeout=2.0)
     assert body["status"] == "unhealthy" and body["error"]
-    c = client(proxy, "blocked")
+    c = make_client(proxy, run_id="blocked")
     with pytest.raises(openai.InternalServerError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert info.value.status_code == 503
@@ -794,7 +784,7 @@ async def test_unwritable_runs_dir_pass_mode(tmp_path: Path, make_proxy: ProxyFa
     _block_runs_dir(runs)
     proxy = await make_proxy(on_record_failure="pass")
     await wait_health(proxy.url(""), 503, timeout=2.0)
-    c = client(proxy, "passed")
+    c = make_client(proxy, run_id="passed")
     resp = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert resp.choices[0].message.content == "Hello there!"
     await proxy.settle(1)  # a flush was tried with the record queued: it could not be written
@@ -810,7 +800,7 @@ async def test_runs_dir_lost_after_start(
 ) -> None:
     runs = tmp_path / "runs"
     proxy = await make_proxy()
-    c = client(proxy, "lost")
+    c = make_client(proxy, run_id="lost")
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert len(await proxy.wait_records("lost", 1)) == 1
     _block_runs_dir(runs)

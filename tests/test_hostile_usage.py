@@ -22,7 +22,7 @@ from proxy import usage as U
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import Record
-from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest
+from tests.conftest import FakeUpstream, ProxyFactory, make_client
 
 MSGS = [{"role": "user", "content": "Hi"}]
 PRICES = PriceBook.load(BUNDLED_PRICES)
@@ -42,11 +42,6 @@ def hostile(**fields: Any) -> dict[str, str]:
     """Headers that make the fake upstream answer with the normal usage block, fields replaced."""
     # json, not orjson: it writes integers past 64 bits (2**70) as the wire would carry them.
     return {"X-Fake-Usage": json.dumps({**NORMAL, **fields})}
-
-
-def client(proxy: ProxyUnderTest, run_id: str, headers: dict[str, str] | None = None) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0,
-                              default_headers={"X-Run-Id": run_id, **(headers or {})})  # fmt: skip
 
 
 async def chat(c: openai.AsyncOpenAI, stream: bool = False, **kwargs: Any) -> Any:
@@ -72,14 +67,15 @@ def usd_budget(usd: float | None = 1.0, tokens: int | None = None) -> Budgets:
 async def test_negative_upstream_cost_never_lowers_spend(make_proxy: ProxyFactory, fake_upstream: FakeUpstream,
                                                          stream: bool) -> None:  # fmt: skip
     proxy = await make_proxy(pricebook=PRICES, budgets=usd_budget())
-    assert (await chat(client(proxy, "neg"), max_tokens=1)).status_code == 200
-    assert (await chat(client(proxy, "neg", hostile(cost=-100)), stream, max_tokens=1)).status_code == 200
+    assert (await chat(make_client(proxy, run_id="neg"), max_tokens=1)).status_code == 200
+    c = make_client(proxy, run_id="neg", headers=hostile(cost=-100))
+    assert (await chat(c, stream, max_tokens=1)).status_code == 200
     recs = await proxy.wait_records("neg", 2)
     # The upstream's charge is not believed: the price table's is the cost, and the rejected one is not kept.
     assert [B.to_units(r["cost_usd"]) for r in recs] == [CALL_UNITS, CALL_UNITS]
     assert recs[1]["cost_source"] == "price_table" and recs[1]["upstream_cost_usd"] is None
     assert recs[1]["usage_raw"]["cost"] == -100  # the raw block is kept as it came
-    resp = await chat(client(proxy, "neg"), max_tokens=1)
+    resp = await chat(make_client(proxy, run_id="neg"), max_tokens=1)
     assert resp.headers["X-Run-Spend-Usd"] == B.fmt_usd(2 * CALL_UNITS)
 
 
@@ -87,16 +83,16 @@ async def test_absurd_upstream_cost_is_counted_and_survives_a_restart(make_proxy
                                                                      fake_upstream: FakeUpstream) -> None:  # fmt: skip
     cfg = {"pricebook": PRICES, "budgets": usd_budget()}
     first = await make_proxy(**cfg)
-    assert (await chat(client(first, "huge", hostile(cost=1e300)), max_tokens=1)).status_code == 200
+    assert (await chat(make_client(first, run_id="huge", headers=hostile(cost=1e300)), max_tokens=1)).status_code == 200
     [rec] = await first.wait_records("huge", 1)
     assert B.to_units(rec["cost_usd"]) == CALL_UNITS and rec["upstream_cost_usd"] is None
     # The spend was counted (the observer did not raise), so the next call sees it.
-    resp = await chat(client(first, "huge"), max_tokens=1)
+    resp = await chat(make_client(first, run_id="huge"), max_tokens=1)
     assert resp.status_code == 200 and resp.headers["X-Run-Spend-Usd"] == B.fmt_usd(CALL_UNITS)
     await first.wait_records("huge", 2)
     await first.server.close()  # the restart: a new proxy on the same runs dir
     second = await make_proxy(**cfg)
-    resp = await chat(client(second, "huge"), max_tokens=1)
+    resp = await chat(make_client(second, run_id="huge"), max_tokens=1)
     assert resp.status_code == 200 and resp.headers["X-Run-Spend-Usd"] == B.fmt_usd(2 * CALL_UNITS)
 
 
@@ -111,14 +107,14 @@ async def test_hostile_counts_never_reach_the_record_or_the_budget(make_proxy: P
                                                                    fake_upstream: FakeUpstream,
                                                                    fields: dict[str, Any]) -> None:  # fmt: skip
     proxy = await make_proxy(pricebook=PRICES, budgets=usd_budget(1.0, 1_000_000_000))
-    assert (await chat(client(proxy, "counts", hostile(**fields)), max_tokens=1)).status_code == 200
+    assert (await chat(make_client(proxy, run_id="counts", headers=hostile(**fields)), max_tokens=1)).status_code == 200
     [rec] = await proxy.wait_records("counts", 1)
     for name in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
                  "total_tokens"):  # fmt: skip
         assert isinstance(rec[name], int) and 0 <= rec[name] <= U.MAX_TOKENS_PER_CALL, (name, rec[name])
     assert rec["cached_input_tokens"] <= rec["input_tokens"] or rec["input_tokens"] == 0
     assert math.isfinite(rec["cost_usd"]) and 0 <= B.to_units(rec["cost_usd"]) <= CALL_UNITS
-    resp = await chat(client(proxy, "counts"), max_tokens=1)
+    resp = await chat(make_client(proxy, run_id="counts"), max_tokens=1)
     assert resp.headers["X-Run-Spend-Tokens"] == str(rec["total_tokens"])
     assert resp.headers["X-Run-Spend-Usd"] == B.fmt_usd(B.to_units(rec["cost_usd"]))
 
@@ -146,7 +142,7 @@ async def test_restart_replays_a_run_file_of_hostile_lines(make_proxy: ProxyFact
     ]
     (runs / "hostile.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     proxy = await make_proxy(pricebook=PRICES, budgets=usd_budget(1.0, 2000))
-    resp = await chat(client(proxy, "hostile"), max_tokens=1)
+    resp = await chat(make_client(proxy, run_id="hostile"), max_tokens=1)
     assert resp.status_code == 200
     assert resp.headers["X-Run-Spend-Usd"] == "0.5" and resp.headers["X-Run-Spend-Tokens"] == "1020"
     tracker = proxy.server.app[B.BUDGETS]
@@ -167,7 +163,7 @@ async def test_restart_clamps_absurd_spend_and_keeps_the_run_refused(make_proxy:
     (runs / "absurd.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     proxy = await make_proxy(pricebook=PRICES, budgets=usd_budget(5.0, 10**9))
     for _ in range(2):  # the history is not forgotten after the first refusal either
-        exc = await chat(client(proxy, "absurd"), max_tokens=1)
+        exc = await chat(make_client(proxy, run_id="absurd"), max_tokens=1)
         assert isinstance(exc, openai.RateLimitError), exc  # a 429 with the run's spend, not a 500
         assert "has reached its USD budget: spent $1000000000000.25 of its $5 limit" in str(exc)
         assert exc.response.headers["X-Run-Spend-Tokens"] == str(10**12 + 1000)
@@ -187,13 +183,13 @@ async def test_replay_that_fails_refuses_instead_of_forgetting(make_proxy: Proxy
 
     monkeypatch.setattr(B, "_read_totals", broken)
     proxy = await make_proxy(pricebook=PRICES, budgets=usd_budget())
-    exc = await chat(client(proxy, "kept"), max_tokens=1)
+    exc = await chat(make_client(proxy, run_id="kept"), max_tokens=1)
     # Not admitted on a spend of 0: the call is refused as for an unreadable run file, and nothing is sent.
     assert isinstance(exc, openai.InternalServerError) and exc.status_code == 503, exc
     assert exc.response.json()["error"]["code"] == "recording_unavailable"
     assert fake_upstream.requests == []
     monkeypatch.setattr(B, "_read_totals", real)
-    resp = await chat(client(proxy, "kept"), max_tokens=1)  # the next call reads the file again
+    resp = await chat(make_client(proxy, run_id="kept"), max_tokens=1)  # the next call reads the file again
     assert resp.status_code == 200 and resp.headers["X-Run-Spend-Usd"] == "0.25"
 
 
@@ -218,8 +214,8 @@ async def test_record_flags_invalid_usage_and_estimates_the_counts(
     tokens: tuple[int, int], stream: bool,
 ) -> None:
     proxy = await make_proxy(pricebook=PRICES)
-    assert (await chat(client(proxy, "flag", hostile(**fields)), stream)).status_code == 200
-    assert (await chat(client(proxy, "flag"), stream)).status_code == 200
+    assert (await chat(make_client(proxy, run_id="flag", headers=hostile(**fields)), stream)).status_code == 200
+    assert (await chat(make_client(proxy, run_id="flag"), stream)).status_code == 200
     rec, normal = await proxy.wait_records("flag", 2)
     assert rec["usage_invalid"] == invalid and normal["usage_invalid"] == []
     assert (rec["input_tokens"], rec["output_tokens"]) == tokens
@@ -238,7 +234,7 @@ async def test_huge_usage_block_gives_a_small_record(make_proxy: ProxyFactory, f
     pad = 4 << 20
     proxy = await make_proxy(pricebook=PRICES)
     headers = {**hostile(), "X-Fake-Usage-Pad": str(pad)}
-    assert (await chat(client(proxy, "padded", headers), stream)).status_code == 200
+    assert (await chat(make_client(proxy, run_id="padded", headers=headers), stream)).status_code == 200
     [rec] = await proxy.wait_records("padded", 1)
     assert (proxy.runs_dir / "padded.jsonl").stat().st_size < 16 * 1024
     raw = rec["usage_raw"]
@@ -256,7 +252,7 @@ async def test_deeply_nested_usage_still_leaves_a_record(make_proxy: ProxyFactor
     for _ in range(300):
         deep = [deep]
     proxy = await make_proxy(pricebook=PRICES)
-    assert (await chat(client(proxy, "deep", hostile(deep=deep)))).status_code == 200
+    assert (await chat(make_client(proxy, run_id="deep", headers=hostile(deep=deep)))).status_code == 200
     [rec] = await proxy.wait_records("deep", 1)
     assert rec["usage_raw"]["_truncated"] is True and rec["usage_raw"]["prompt_tokens"] == 11
     assert (rec["input_tokens"], rec["output_tokens"], rec["success"]) == (11, 3, True)

@@ -17,17 +17,12 @@ from proxy.app import METRICS
 from proxy.metrics import _CACHE_MAX, MAX_LABEL_LEN, Metrics
 from proxy.pricing import BUNDLED_PRICES, PriceBook, parse_custom_prices
 from proxy.records import ErrorInfo, JsonlSink, Record
-from tests.conftest import ProxyFactory, ProxyUnderTest
+from tests.conftest import ProxyFactory, ProxyUnderTest, make_client
 
 RUN = "metrics-run-7f3a9c"
 MSGS = [{"role": "user", "content": "hi"}]
 # USD per million tokens: each fake call (11 in, 3 out) costs 11 * 1e-6 + 3 * 4e-6 = 2.3e-5.
 HOUSE = [{"model": "house-*", "input": 1, "output": 4}]
-
-
-def client(proxy: ProxyUnderTest, **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0,
-                              default_headers={"X-Run-Id": RUN, **headers})  # fmt: skip
 
 
 async def scrape(proxy: ProxyUnderTest) -> tuple[str, list[Sample]]:
@@ -55,7 +50,7 @@ async def test_metrics_after_real_calls(make_proxy: ProxyFactory) -> None:
     book = PriceBook.load(BUNDLED_PRICES, custom=parse_custom_prices(HOUSE))
     proxy = await make_proxy(pricebook=book)
     headers = {"X-Task-Name": "task-secret-name", "X-Meter-Tag-Variant": "tagvalue-b1"}
-    async with client(proxy, **headers) as c:
+    async with make_client(proxy, run_id=RUN, headers=headers) as c:
         await c.chat.completions.create(model="house-large", messages=MSGS)
         stream = await c.chat.completions.create(model="house-large", messages=MSGS, stream=True,
                                                  extra_headers={"X-Fake-Delay": "0.01"})  # fmt: skip
@@ -136,7 +131,7 @@ async def test_model_cap_through_the_proxy(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy()
     proxy.server.app[METRICS].max_models = 3
     req = "metering_proxy_requests_total"
-    async with client(proxy) as c:
+    async with make_client(proxy, run_id=RUN) as c:
         for i in range(5):
             await c.chat.completions.create(model=f"model-{i}", messages=MSGS)
         await proxy.wait_records(RUN, 5)
@@ -156,7 +151,7 @@ async def test_model_cap_through_the_proxy(make_proxy: ProxyFactory) -> None:
 
 async def test_failure_before_upstream_and_unpriced(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(pricebook=PriceBook.load(BUNDLED_PRICES))
-    async with client(proxy) as c:
+    async with make_client(proxy, run_id=RUN) as c:
         await c.embeddings.create(model="no-such-priced-model-xyz", input="hi")
         with pytest.raises(openai.BadRequestError):  # no model: refused by the proxy, never sent upstream
             await c.chat.completions.create(model="", messages=MSGS)

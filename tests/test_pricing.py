@@ -28,6 +28,7 @@ from proxy.pricing import (
     update_prices,
 )
 from proxy.usage import MAX_TOKENS_PER_CALL, Usage, from_anthropic, from_openai
+from tests.conftest import make_client
 
 LOGGER = "metering_proxy.pricing"
 
@@ -644,11 +645,8 @@ def bundled_book() -> PriceBook:
 
 
 async def test_e2e_nonstream_and_stream_cost(make_proxy: Any, bundled_book: PriceBook) -> None:
-    import openai
-
     proxy = await make_proxy(pricebook=bundled_book)
-    c = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0,
-                           default_headers={"X-Run-Id": "cost"})  # fmt: skip
+    c = make_client(proxy, run_id="cost")
     await c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     stream = await c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
                                              stream=True)  # fmt: skip

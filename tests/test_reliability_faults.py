@@ -13,26 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import openai
 import orjson
 import pytest
 
 from proxy.app import FORWARDER
 from proxy.config import Upstream
-from tests.conftest import GARBAGE_EVENTS, FakeUpstream, ProxyFactory, ProxyUnderTest, health
-from tests.helpers import CHAT, KEY, MSG, parse_lines, post, record_files, serve, stream_body, wait_lines
+from tests.conftest import GARBAGE_EVENTS, FakeUpstream, ProxyFactory, ProxyUnderTest, health, make_client
+from tests.helpers import CHAT, MSG, parse_lines, post, record_files, serve, stream_body, wait_lines
 
 # -- upstream faults -------------------------------------------------------------------------------
 
 
 async def test_upstream_sends_byte_by_byte_slowly(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
     """One byte per write with a pause between: the client gets the same stream, the record is right."""
-    c = openai.AsyncOpenAI(
-        base_url=proxy.base_url,
-        api_key=KEY,
-        max_retries=0,
-        default_headers={"X-Run-Id": "slow", "X-Fake-Split": "1", "X-Fake-Delay": "0.0002"},
-    )
+    c = make_client(proxy, run_id="slow", headers={"X-Fake-Split": "1", "X-Fake-Delay": "0.0002"})
     t0 = time.monotonic()
     stream = await c.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
     text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])

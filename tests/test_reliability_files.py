@@ -9,12 +9,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import orjson
 import pytest
 
-from tests.conftest import FakeUpstream, ProxyUnderTest, health, wait_health
-from tests.helpers import CHAT, KEY, MSG, parse_lines, post, serve, wait_lines
+from tests.conftest import FakeUpstream, ProxyUnderTest, health, make_client, wait_health
+from tests.helpers import CHAT, MSG, parse_lines, post, serve, wait_lines
 
 # -- torn tails ------------------------------------------------------------------------------------
 
@@ -56,9 +55,7 @@ async def test_restart_after_a_torn_tail_starts_on_a_fresh_line(
 async def test_torn_tail_left_by_another_writer_mid_run(proxy: ProxyUnderTest) -> None:
     """Another worker killed mid-write tears the end of a file this process already writes: the next
     batch still starts on a fresh line."""
-    c = openai.AsyncOpenAI(
-        base_url=proxy.base_url, api_key=KEY, max_retries=0, default_headers={"X-Run-Id": "shared"}
-    )
+    c = make_client(proxy, run_id="shared")
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("shared", 1)
     path = proxy.runs_dir / "shared.jsonl"

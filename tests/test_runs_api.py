@@ -16,18 +16,13 @@ from yarl import URL
 from proxy import config, report, runs_api
 from proxy.records import Record
 from proxy.runs_api import RUNS_API, EventHub
-from tests.conftest import ProxyUnderTest
+from tests.conftest import ProxyUnderTest, make_client
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
-def client(proxy: ProxyUnderTest, run_id: str = "r1", **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0,
-                              default_headers={"X-Run-Id": run_id, **headers})  # fmt: skip
-
-
 async def three_calls(proxy: ProxyUnderTest, run_id: str = "r1") -> list[dict[str, Any]]:
-    c = client(proxy, run_id, **{"X-Task-Name": "summarise"})
+    c = make_client(proxy, run_id=run_id, headers={"X-Task-Name": "summarise"})
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     stream = await c.chat.completions.create(model="gpt-4o", messages=MSG, stream=True,
                                              extra_headers={"X-Task-Name": "classify"})  # fmt: skip
@@ -46,10 +41,10 @@ async def get(proxy: ProxyUnderTest, path: str | URL) -> tuple[int, dict[str, st
 
 async def test_runs_list_with_totals(proxy: ProxyUnderTest) -> None:
     await three_calls(proxy, "r1")
-    await client(proxy, "r2").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="r2").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("r2", 1)
     with pytest.raises(openai.BadRequestError):  # goes to .rejected.jsonl, which is no run
-        await client(proxy, ".hidden").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        await make_client(proxy, run_id=".hidden").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.settle(5)
     assert (proxy.runs_dir / ".rejected.jsonl").exists()
     status, headers, body = await get(proxy, "/runs")
@@ -64,7 +59,7 @@ async def test_runs_list_with_totals(proxy: ProxyUnderTest) -> None:
     )
     assert runs["r2"]["calls"]["total"] == 1
     # a new call shows up in the totals (read incrementally)
-    await client(proxy, "r2").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="r2").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("r2", 2)
     _, _, body = await get(proxy, "/runs")
     runs = {r["run_id"]: r for r in orjson.loads(body)["runs"]}
@@ -128,7 +123,7 @@ async def read_event(resp: aiohttp.ClientResponse) -> tuple[str, bytes]:
 
 
 async def test_events_deliver_records_written_after_subscribing(proxy: ProxyUnderTest) -> None:
-    c = client(proxy)
+    c = make_client(proxy, run_id="r1")
     await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     [old] = await proxy.wait_records("r1", 1)
     async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r1/events")) as resp:
@@ -154,12 +149,12 @@ async def test_events_deliver_records_written_after_subscribing(proxy: ProxyUnde
 
 
 async def test_events_only_for_their_run_and_keep_alive(proxy: ProxyUnderTest) -> None:
-    await client(proxy, "r1").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="r1").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("r1", 1)
     proxy.server.app[RUNS_API].keepalive_s = 0.1
     async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r1/events")) as resp:
         await asyncio.wait_for(resp.content.readline(), 5)
-        await client(proxy, "other").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        await make_client(proxy, run_id="other").chat.completions.create(model="gpt-4o-mini", messages=MSG)
         seen = b""
         while b": keep-alive" not in seen:
             seen += await asyncio.wait_for(resp.content.readline(), 5)
@@ -167,7 +162,7 @@ async def test_events_only_for_their_run_and_keep_alive(proxy: ProxyUnderTest) -
 
 
 async def test_shutdown_ends_event_streams(proxy: ProxyUnderTest) -> None:
-    await client(proxy).chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="r1").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("r1", 1)
     async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r1/events")) as resp:
         await asyncio.wait_for(resp.content.readline(), 5)
@@ -227,9 +222,9 @@ async def test_unknown_run_is_404(proxy: ProxyUnderTest, suffix: str) -> None:
 async def test_no_path_traversal(proxy: ProxyUnderTest, tmp_path: Path, raw_path: str) -> None:
     secret = orjson.dumps({"ts": "2026-01-01T00:00:00.000Z", "request_id": "req_SECRET"}) + b"\n"
     (tmp_path / "secret.jsonl").write_bytes(secret)
-    await client(proxy, "ok").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="ok").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     with pytest.raises(openai.BadRequestError):
-        await client(proxy, ".rejected").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        await make_client(proxy, run_id=".rejected").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.settle(2)
     assert (proxy.runs_dir / ".rejected.jsonl").exists()
     status, _, body = await get(proxy, URL(proxy.url("/")).with_path(raw_path, encoded=True))
@@ -279,7 +274,7 @@ async def test_a_linked_run_is_404_like_a_missing_one(
 
 
 async def test_runs_list_and_ui_skip_links(planted: dict[str, bytes], proxy: ProxyUnderTest) -> None:
-    await client(proxy, "real").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="real").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("real", 1)
     status, _, body = await asyncio.wait_for(get(proxy, "/runs"), 10)
     assert status == 200 and [r["run_id"] for r in orjson.loads(body)["runs"]] == ["real"]
@@ -293,7 +288,7 @@ async def test_runs_list_and_ui_skip_links(planted: dict[str, bytes], proxy: Pro
 
 async def test_a_file_swapped_for_a_link_after_listing_is_not_read(tmp_path: Path, proxy: ProxyUnderTest) -> None:
     """A regular file seen by /runs once, then replaced by a link: the next read refuses it."""
-    await client(proxy, "swap").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    await make_client(proxy, run_id="swap").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("swap", 1)
     assert [r["run_id"] for r in orjson.loads((await get(proxy, "/runs"))[2])["runs"]] == ["swap"]
     secret = tmp_path / "secret.jsonl"

@@ -18,7 +18,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.pricing import BUNDLED_PRICES, PriceBook
-from tests.conftest import ProxyFactory, ProxyUnderTest
+from tests.conftest import ProxyFactory, ProxyUnderTest, make_client
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_COPY = Path("/tmp/ui-screenshot.png")
@@ -120,17 +120,10 @@ async def open_page(session: aiohttp.ClientSession, port: int, url: str) -> Page
     return page
 
 
-def client(proxy: ProxyUnderTest, task: str | None = None) -> openai.AsyncOpenAI:
-    headers = {"X-Run-Id": "ui-run"} | ({"X-Task-Name": task} if task else {})
-    return openai.AsyncOpenAI(
-        base_url=proxy.base_url, api_key="sk-test", max_retries=0, default_headers=headers
-    )
-
-
 async def call(proxy: ProxyUnderTest, model: str, task: str, think: float = 0.0, stream: bool = True,
                fake: str | None = None) -> None:  # fmt: skip
     headers = {"X-Fake": fake or f"think:{think}", "X-Fake-Delay": "0.04"}
-    c = client(proxy, task)
+    c = make_client(proxy, run_id="ui-run", headers={"X-Task-Name": task} if task else None)
     if not stream:
         await c.chat.completions.create(model=model, messages=MSG, extra_headers=headers)
         return
