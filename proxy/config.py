@@ -34,6 +34,7 @@ class Upstream:
     """One upstream server and the models routed to it."""
 
     name: str
+    """Shown as ``upstream`` in records."""
     base_url: str
     """Base URL including the version prefix, e.g. http://127.0.0.1:11434/v1 (no trailing slash)."""
     provider: str | None = None
@@ -53,8 +54,11 @@ class Timeouts:
     """Upstream timeouts in seconds; None disables one."""
 
     connect_s: float | None = 10.0
+    """Establishing the TCP/TLS connection."""
     read_s: float | None = 300.0
+    """Longest silence between two bytes of a response (a stream's gaps included)."""
     total_s: float | None = 900.0
+    """The whole call, from sending the request to the last byte."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +66,11 @@ class BudgetRule:
     """Spending limits for the runs whose id matches a glob; None means no limit."""
 
     match: str = "*"
+    """Glob on the run id (case-sensitive)."""
     usd: float | None = None
+    """Most a run may spend in USD."""
     tokens: int | None = None
+    """Most tokens (input + output) a run may use."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,27 +97,45 @@ class Config:
     """Everything the proxy needs to run; CLI flags override the YAML file."""
 
     host: str = "127.0.0.1"
+    """Address to bind; loopback unless clients on other machines must reach the proxy."""
     port: int = 8787
+    """Port to listen on, 1-65535, or 0 for any free port (the start line names it)."""
     runs_dir: Path = Path("runs")
+    """Where runs/<run-id>.jsonl files go (created on first use)."""
     default_run_id: str = "default"
+    """Run id of calls that carry neither X-Run-Id nor a /run/<id>/v1 base URL."""
     upstreams: tuple[Upstream, ...] = (Upstream(name="default", base_url=DEFAULT_UPSTREAM),)
+    """Where calls go: the first upstream whose models glob matches the request's model."""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    """Upstream connect, read (silence between bytes) and total timeouts."""
     max_body_bytes: int = 32 * 1024 * 1024
+    """Largest request body, as sent or decoded; larger gets 413."""
     client_body_timeout_s: float = 30.0
     """How long a client may take to send its whole request body before it gets 408."""
     max_header_bytes: int = 16 * 1024
+    """Longest request line or header; longer is refused by the HTTP parser."""
     max_connections: int = 1000
+    """Most upstream connections open at once (pooled, keep-alive)."""
     flush_interval_s: float = 0.2
+    """How often queued records are written (flush_interval_ms in the file)."""
     fsync: str = "never"
+    """never (leave it to the OS) or batch (fsync each run file after each batch)."""
     on_record_failure: str = "refuse"
+    """While records cannot be written: refuse calls with 503, or pass them and hold records in memory."""
     shutdown_grace_s: float = 30.0
+    """How long calls in flight may finish after SIGINT/SIGTERM."""
     prices_file: Path | None = None
+    """A LiteLLM-format price table to use instead of the bundled one."""
     custom_prices: tuple[Any, ...] = ()
+    """prices.custom rules (pricing.CustomPrice), first match wins, before the table."""
     log_level: str = "info"
+    """debug, info, warning or error; successful calls are never logged (records are the log)."""
     event_loop: str = "auto"
     """auto (uvloop when installed, else asyncio), asyncio or uvloop."""
     budgets: Budgets = field(default_factory=Budgets)
+    """Run budgets in USD and tokens (none by default)."""
     access: Access = field(default_factory=Access)
+    """Proxy keys and the admin token (off by default: fine on 127.0.0.1)."""
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
     """Unmetered paths forwarded as they are, as "METHOD GLOB" rules on the canonical path (``*`` stays
     within one segment, ``**`` crosses them); every other path but the metered endpoints gets a 404."""
