@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 import openai
@@ -13,8 +12,8 @@ import pytest
 from proxy import budgets as B
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
-from proxy.records import JsonlSink, Record
-from tests.conftest import FakeUpstream, ProxyFactory, make_client
+from proxy.records import JsonlSink
+from tests.conftest import FakeUpstream, ProxyFactory, make_client, make_record
 
 MSGS = [{"role": "user", "content": "Hi"}]
 # The fake upstream answers every chat call with 11 input + 3 output tokens; gpt-4o-mini costs
@@ -232,19 +231,6 @@ def test_units_and_tokens_are_clamped_never_raise(value: Any, units: int, tokens
     assert B.to_tokens(value) == tokens
 
 
-def _record(**changes: Any) -> Record:
-    base = Record(
-        ts="2026-01-01T00:00:00.000Z", run_id="r", request_id="req_1", task=None, tags={},
-        endpoint="/v1/chat/completions", method="POST", upstream="u", provider=None, requested_model="m",
-        model="m", stream=False, status=200, success=True, finish_reason="stop", input_tokens=1,
-        cached_input_tokens=0, cache_write_tokens=0, cache_write_5m_tokens=None, cache_write_1h_tokens=None,
-        output_tokens=2, reasoning_tokens=0, total_tokens=3, usage_source="upstream", usage_raw=None,
-        stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None, duration_ms=2.0, tokens_per_second=None,
-        server_timing=None, upstream_request_id=None, error=None,
-    )  # fmt: skip
-    return dataclasses.replace(base, **changes)
-
-
 @pytest.mark.parametrize(
     ("cost", "tokens", "units", "counted"),
     [(1e300, 1e300, _MAX_UNITS, _MAX_TOKENS), (_INF, _INF, _MAX_UNITS, _MAX_TOKENS),
@@ -258,12 +244,12 @@ async def test_observer_counts_hostile_records_and_never_raises(tmp_path: Any, c
     await run.loading  # no run file yet: spend starts at 0
     tracker._inflight["req_1"] = (run, 7, 9)
     run.reserved_usd, run.reserved_tokens = 7, 9
-    tracker.observe(_record(cost_usd=cost, total_tokens=tokens))
+    tracker.observe(make_record(cost_usd=cost, total_tokens=tokens))
     # The reservation is released and the spend counted, clamped: never negative, never lost.
     assert (run.reserved_usd, run.reserved_tokens) == (0, 0) and not tracker._inflight
     assert (run.usd, run.tokens) == (units, counted)
     assert isinstance(run.usd, int) and isinstance(run.tokens, int)
-    tracker.observe(_record(request_id="req_2", cost_usd=0.5, total_tokens=10))
+    tracker.observe(make_record(request_id="req_2", cost_usd=0.5, total_tokens=10))
     assert tracker.spend("r") == (B.fmt_usd(units + B.UNITS // 2), counted + 10)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ from prometheus_client.samples import Sample
 from proxy.app import METRICS
 from proxy.metrics import _CACHE_MAX, MAX_LABEL_LEN, Metrics
 from proxy.pricing import BUNDLED_PRICES, PriceBook, parse_custom_prices
-from proxy.records import ErrorInfo, JsonlSink, Record
-from tests.conftest import ProxyFactory, ProxyUnderTest, make_client
+from proxy.records import ErrorInfo, JsonlSink
+from tests.conftest import ProxyFactory, ProxyUnderTest, make_client, make_record
 
 RUN = "metrics-run-7f3a9c"
 MSGS = [{"role": "user", "content": "hi"}]
@@ -170,19 +169,6 @@ async def test_failure_before_upstream_and_unpriced(make_proxy: ProxyFactory) ->
     assert value(samples, "metering_proxy_cost_usd_total") == 0
 
 
-def _record(**changes: Any) -> Record:
-    base = Record(
-        ts="2026-01-01T00:00:00.000Z", run_id="r", request_id="req_0", task=None, tags={},
-        endpoint="/v1/chat/completions", method="POST", upstream="local", provider="gemini",
-        requested_model="m", model="m", stream=False, status=200, success=True, finish_reason="stop",
-        input_tokens=5, cached_input_tokens=0, cache_write_tokens=0, cache_write_5m_tokens=None,
-        cache_write_1h_tokens=None, output_tokens=2, reasoning_tokens=0, total_tokens=7,
-        usage_source="upstream", usage_raw=None, stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None,
-        duration_ms=20.0, tokens_per_second=None, server_timing=None, upstream_request_id=None, error=None,
-    )  # fmt: skip
-    return dataclasses.replace(base, **changes)
-
-
 def _samples(m: Metrics) -> list[Sample]:
     from prometheus_client import generate_latest
 
@@ -192,9 +178,10 @@ def _samples(m: Metrics) -> list[Sample]:
 
 def test_default_cap_is_200_models_and_caches_stay_bounded(tmp_path: Path) -> None:
     m = Metrics(JsonlSink(tmp_path))
+    gemini: dict[str, Any] = {"provider": "gemini", "input_tokens": 5, "total_tokens": 7}
     for i in range(250):
-        m.observe(_record(requested_model=f"m{i:03d}", model=f"m{i:03d}"))
-    m.observe(_record(requested_model="x" * 500, model=None))
+        m.observe(make_record(**gemini, requested_model=f"m{i:03d}", model=f"m{i:03d}"))
+    m.observe(make_record(**gemini, requested_model="x" * 500, model=None))
     samples = _samples(m)
     models = label_values(samples, "metering_proxy_requests_total", "gen_ai_request_model")
     assert len(models) == 201 and "other" in models and "m199" in models and "m200" not in models
@@ -202,21 +189,21 @@ def test_default_cap_is_200_models_and_caches_stay_bounded(tmp_path: Path) -> No
     tokens = value(samples, "gen_ai_client_tokens_total", gen_ai_provider_name="gcp.gemini")
     assert tokens == 251 * 5 + 251 * 2
     m2 = Metrics(JsonlSink(tmp_path))
-    m2.observe(_record(requested_model="y" * 500, model=None))
+    m2.observe(make_record(requested_model="y" * 500, model=None))
     assert label_values(_samples(m2), "metering_proxy_requests_total", "gen_ai_response_model") == {
         "y" * MAX_LABEL_LEN
     }
     for i in range(_CACHE_MAX + 100):
-        m.observe(_record(requested_model=f"client-{i}"))
+        m.observe(make_record(requested_model=f"client-{i}"))
     assert len(m._cache) <= _CACHE_MAX
 
 
 def test_streams_failed_and_instant(tmp_path: Path) -> None:
     m = Metrics(JsonlSink(tmp_path))
     err = ErrorInfo("stream_interrupted", "abc", "cut")
-    m.observe(_record(stream=True, ttft_ms=100.0, duration_ms=300.0, output_tokens=4))  # tpot 0.05
-    m.observe(_record(stream=True, ttft_ms=100.0, duration_ms=100.5, output_tokens=4))  # < 1 ms: no tpot
-    m.observe(_record(stream=True, ttft_ms=50.0, duration_ms=90.0, success=False, error=err))  # neither
+    m.observe(make_record(stream=True, ttft_ms=100.0, duration_ms=300.0, output_tokens=4))  # tpot 0.05
+    m.observe(make_record(stream=True, ttft_ms=100.0, duration_ms=100.5, output_tokens=4))  # < 1 ms: no tpot
+    m.observe(make_record(stream=True, ttft_ms=50.0, duration_ms=90.0, success=False, error=err))  # neither
     samples = _samples(m)
     ttft, tpot = "gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds"
     assert value(samples, ttft + "_count") == 2 and value(samples, ttft + "_sum") == pytest.approx(0.2)

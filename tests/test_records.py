@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -14,32 +13,19 @@ import pytest
 
 from proxy import records
 from proxy.app import SINK
-from proxy.records import ErrorInfo, JsonlSink, Record
-from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest
-
-
-def _record(**changes: object) -> Record:
-    base = Record(
-        ts="2026-01-01T00:00:00.000Z", run_id="r", request_id="req_1", task=None, tags={},
-        endpoint="/v1/chat/completions", method="POST", upstream="u", provider=None, requested_model="m",
-        model="m", stream=False, status=200,
-        success=True, finish_reason="stop", input_tokens=1, cached_input_tokens=0, cache_write_tokens=0,
-        cache_write_5m_tokens=None, cache_write_1h_tokens=None, output_tokens=2, reasoning_tokens=0, total_tokens=3,
-        usage_source="upstream", usage_raw=None, stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None,
-        duration_ms=2.0, tokens_per_second=None, server_timing=None, upstream_request_id=None, error=None,
-    )  # fmt: skip
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+from proxy.records import ErrorInfo, JsonlSink
+from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest, make_record
 
 
 def test_line_is_one_complete_json_object() -> None:
-    line = _record(error=ErrorInfo("timeout", "0123456789ab", "slow")).to_json()
+    line = make_record(error=ErrorInfo("timeout", "0123456789ab", "slow")).to_json()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert orjson.loads(line)["error"] == {"category": "timeout", "id": "0123456789ab", "detail": "slow"}
 
 
 def test_odd_values_never_lose_the_record() -> None:
     # A header that was not UTF-8 (a lone surrogate) and an integer past 64 bits in usage_raw.
-    line = _record(task="caf\udce9", usage_raw={"prompt_tokens": 10**30}).to_json()
+    line = make_record(task="caf\udce9", usage_raw={"prompt_tokens": 10**30}).to_json()
     rec = orjson.loads(line)
     assert rec["task"] == "caf\ufffd" and rec["usage_raw"]["prompt_tokens"] == float(10**30)
 
@@ -48,8 +34,8 @@ async def test_sink_appends_and_starts_after_a_torn_tail(tmp_path: Path) -> None
     sink = JsonlSink(tmp_path / "runs", flush_interval=0.05)
     await sink.start()
     (tmp_path / "runs" / "r.jsonl").write_bytes(b'{"ts": "torn')
-    sink.write("r", _record().to_json())
-    sink.write("r", _record(request_id="req_2").to_json())
+    sink.write("r", make_record().to_json())
+    sink.write("r", make_record(request_id="req_2").to_json())
     await sink.close()
     lines = (tmp_path / "runs" / "r.jsonl").read_bytes().split(b"\n")
     assert lines[0] == b'{"ts": "torn' and lines[-1] == b""
@@ -81,8 +67,8 @@ async def test_sink_never_writes_through_a_planted_link(tmp_path: Path, caplog: 
     runs, victim, before = _plant(tmp_path)
     sink = JsonlSink(runs, flush_interval=60)
     await sink.start()
-    sink.write("planted", _record(run_id="planted").to_json())
-    sink.write("other", _record(run_id="other").to_json())
+    sink.write("planted", make_record(run_id="planted").to_json())
+    sink.write("other", make_record(run_id="other").to_json())
     await sink.flush()
     await sink.flush()  # the retry of the held record is refused again, without a second log line
     assert victim.read_bytes() == before
@@ -107,7 +93,7 @@ async def test_sink_does_not_create_a_dangling_links_target(tmp_path: Path) -> N
     (runs / "planted.jsonl").symlink_to(outside / "created.txt")
     sink = JsonlSink(runs, flush_interval=60)
     await sink.start()
-    sink.write("planted", _record(run_id="planted").to_json())
+    sink.write("planted", make_record(run_id="planted").to_json())
     await sink.flush()
     assert not (outside / "created.txt").exists() and list(outside.iterdir()) == []
     assert sink.run_blocked("planted") and sink.pending == 1 and sink.healthy
@@ -129,7 +115,7 @@ async def test_sink_refuses_a_run_file_that_is_not_a_regular_file(
         target.symlink_to(tmp_path / "elsewhere")
     sink = JsonlSink(runs, flush_interval=60)
     await sink.start()
-    sink.write("odd", _record(run_id="odd").to_json())
+    sink.write("odd", make_record(run_id="odd").to_json())
     await asyncio.wait_for(sink.flush(), 5)  # a FIFO must not hang the writer
     assert sink.run_blocked("odd") and sink.pending == 1 and sink.healthy
     assert _refusals(caplog) == [f"records: {target} {REFUSED}"]
@@ -149,17 +135,17 @@ async def test_sink_follows_a_replaced_runs_dir(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     sink = JsonlSink(runs, flush_interval=60)
     await sink.start()
-    sink.write("r", _record().to_json())
+    sink.write("r", make_record().to_json())
     await sink.flush()
     # Moved aside and recreated: records go to the new runs dir, not to the directory held open.
     runs.rename(tmp_path / "runs.old")
     runs.mkdir()
-    sink.write("r", _record(request_id="req_2").to_json())
+    sink.write("r", make_record(request_id="req_2").to_json())
     await sink.flush()
     assert orjson.loads((runs / "r.jsonl").read_bytes())["request_id"] == "req_2"
     # Removed: it is created again.
     shutil.rmtree(runs)
-    sink.write("r", _record(request_id="req_3").to_json())
+    sink.write("r", make_record(request_id="req_3").to_json())
     await sink.close()
     assert orjson.loads((runs / "r.jsonl").read_bytes())["request_id"] == "req_3"
     assert sink.written == 3 and sink.healthy and (tmp_path / "runs.old" / "r.jsonl").read_bytes().count(b"\n") == 1

@@ -14,9 +14,8 @@ import pytest
 from yarl import URL
 
 from proxy import config, report, runs_api
-from proxy.records import Record
 from proxy.runs_api import RUNS_API, EventHub
-from tests.conftest import ProxyUnderTest, make_client
+from tests.conftest import ProxyUnderTest, make_client, make_record
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -172,28 +171,16 @@ async def test_shutdown_ends_event_streams(proxy: ProxyUnderTest) -> None:
     assert event == "end" and orjson.loads(data) == {"reason": "shutdown"}
 
 
-def _record(run_id: str, n: int) -> Record:
-    return Record(
-        ts="2026-01-01T00:00:00.000Z", run_id=run_id, request_id=f"req_{n}", task=None, tags={},
-        endpoint="/v1/chat/completions", method="POST", upstream=None, provider=None, requested_model="m",
-        model="m", stream=False, status=200, success=True, finish_reason="stop", input_tokens=1,
-        cached_input_tokens=0, cache_write_tokens=0, cache_write_5m_tokens=None, cache_write_1h_tokens=None,
-        output_tokens=1, reasoning_tokens=0, total_tokens=2, usage_source="upstream", usage_raw=None,
-        stream_usage_injected=False, ttfb_ms=1.0, ttft_ms=None, duration_ms=2.0, tokens_per_second=None,
-        server_timing=None, upstream_request_id=None, error=None,
-    )  # fmt: skip
-
-
 async def test_a_subscriber_that_falls_behind_is_dropped() -> None:
     hub = EventHub()
     slow, fast = hub.subscribe("r"), hub.subscribe("r")
-    hub.observe(_record("elsewhere", 0))  # nobody watches that run: nothing queued
+    hub.observe(make_record(run_id="elsewhere", request_id="req_0"))  # nobody watches that run: nothing queued
     assert slow.queue.qsize() == 0
     for n in range(runs_api.QUEUE_SIZE):
-        hub.observe(_record("r", n))
+        hub.observe(make_record(run_id="r", request_id=f"req_{n}"))
         fast.queue.get_nowait()
     assert slow.queue.full() and hub.count == 2
-    hub.observe(_record("r", runs_api.QUEUE_SIZE))
+    hub.observe(make_record(run_id="r", request_id=f"req_{runs_api.QUEUE_SIZE}"))
     # the slow one is cut loose with its backlog freed; the fast one still gets the record
     assert slow.end_reason == "too_slow" and slow.queue.qsize() == 1 and slow.queue.get_nowait() is None
     assert hub.count == 1 and hub.dropped == 1
