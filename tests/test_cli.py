@@ -56,6 +56,7 @@ async def _healthz(port: int) -> int:
             return resp.status
 
 
+@pytest.mark.slow
 async def test_serve_prints_one_line_and_drains_on_sigterm(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     proc, port, line = await _start(fake_upstream, runs)

@@ -37,6 +37,13 @@ STRIP_CASES = [
 ]  # chat and completions streams are the ones the proxy injects include_usage into
 
 
+def _slow_if_big(params: list[Any]) -> list[Any]:
+    """Mark slow the cases of a cut-at-every-byte test whose fixture is over 6 KiB: its time grows with the
+    square of the size (vllm/chat_stream_continuous, 6.8 KB, takes 2-3 s)."""
+    return [pytest.param(*p.values, id=p.id, marks=pytest.mark.slow) if len(load_case(*p.values)[0]) > 6144 else p
+            for p in params]  # fmt: skip
+
+
 def usage_of(meter: Meter) -> dict[str, Any] | None:
     u = meter.usage()
     return None if u is None else {f: getattr(u, f) for f in USAGE_FIELDS}
@@ -122,7 +129,7 @@ def test_json_fixture(provider: str, case: str) -> None:
 # -- streams, cut at every byte -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("provider", "case"), SSE_CASES)
+@pytest.mark.parametrize(("provider", "case"), _slow_if_big(SSE_CASES))
 def test_stream_fixture_every_split(provider: str, case: str) -> None:
     data, _, expected = load_case(provider, case)
     endpoint = expected["endpoint"]
@@ -162,7 +169,7 @@ def test_stream_fixture_ttft_event(provider: str, case: str) -> None:
     check(meter, expected)
 
 
-@pytest.mark.parametrize(("provider", "case"), STRIP_CASES)
+@pytest.mark.parametrize(("provider", "case"), _slow_if_big(STRIP_CASES))
 def test_strip_usage_every_split(provider: str, case: str) -> None:
     data, _, expected = load_case(provider, case)
     only = usage_only_events(data)
@@ -381,6 +388,7 @@ _JSON = st.recursive(
 _OBJ = st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=8)
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None)
 @given(endpoint=st.sampled_from(ENDPOINTS), strip=st.booleans(),
        events=st.lists(st.tuples(st.none() | st.sampled_from(_TYPES), _OBJ), max_size=8),

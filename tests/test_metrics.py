@@ -176,6 +176,7 @@ def _samples(m: Metrics) -> list[Sample]:
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
+@pytest.mark.slow
 def test_default_cap_is_200_models_and_caches_stay_bounded(tmp_path: Path) -> None:
     m = Metrics(JsonlSink(tmp_path))
     gemini: dict[str, Any] = {"provider": "gemini", "input_tokens": 5, "total_tokens": 7}

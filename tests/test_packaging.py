@@ -28,6 +28,9 @@ from tests.helpers import port_from_start_line
 ROOT = Path(__file__).resolve().parents[1]
 # What a build reads: the rest of the checkout (tests, runs, caches) must not be needed.
 INPUTS = ("pyproject.toml", "README.md", "proxy", "config")
+
+#: Each test builds a wheel or an sdist, or installs one in a fresh venv (about 15 s for the module).
+pytestmark = pytest.mark.slow
 # Imported by the installed package; made visible in the venv from where this interpreter has them.
 RUNTIME_DEPS = ("aiohttp", "orjson", "prometheus_client", "yaml", "uvloop")
 PACKAGE_DATA = ("proxy/data/model_prices.json", "proxy/ui.html")

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from proxy.config import Timeouts
 from tests.conftest import FakeUpstream, ProxyFactory
@@ -36,6 +37,7 @@ def check_run_files(runs_dir: Path, calls: int = CALLS, runs: int = RUNS) -> Non
         assert sorted(int(rec["tags"]["n"]) for rec in recs) == list(range(r, calls, runs)), f"c{r}"
 
 
+@pytest.mark.slow
 async def test_1000_concurrent_streams_across_50_runs(make_proxy: ProxyFactory) -> None:
     # As in the two-worker variant: 1,000 upstream connects at once can overflow the fake upstream's
     # accept backlog on a busy 2-core box (a SYN retry takes 1-3 s); this test checks the files.
@@ -45,6 +47,7 @@ async def test_1000_concurrent_streams_across_50_runs(make_proxy: ProxyFactory) 
     check_run_files(proxy.runs_dir)
 
 
+@pytest.mark.slow
 async def test_1000_concurrent_streams_across_50_runs_two_workers(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:

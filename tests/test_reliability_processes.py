@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import FakeUpstream
 from tests.helpers import CHAT, MSG, alive, parse_lines, post, record_files, serve, split_records, stream_body
@@ -35,6 +36,7 @@ async def stream_call(
 # -- SIGTERM ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sigterm_under_load_drains_every_call(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
     """50 streams in flight at SIGTERM: all finish whole within the grace period, 50 records, exit 0."""
     served = await serve(fake_upstream, tmp_path / "runs", shutdown_grace_s=10)

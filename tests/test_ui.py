@@ -136,6 +136,7 @@ async def call(proxy: ProxyUnderTest, model: str, task: str, think: float = 0.0,
 BARS = "document.querySelectorAll('#timeline rect.bar').length"
 
 
+@pytest.mark.slow
 async def test_dashboard_shows_a_run_and_follows_it_live(
     make_proxy: ProxyFactory, chromium: int, tmp_path: Path
 ) -> None:
@@ -206,6 +207,7 @@ async def test_standalone_html_file_renders_without_a_server(
             await page.close()
 
 
+@pytest.mark.slow
 async def test_a_run_that_does_not_exist_yet_is_waited_for(make_proxy: ProxyFactory, chromium: int) -> None:
     proxy = await make_proxy()
     async with aiohttp.ClientSession() as session:

@@ -527,6 +527,7 @@ def _sane(u: Usage) -> None:
     assert set(u.invalid) <= set(U.FIELDS) and len(set(u.invalid)) == len(u.invalid)
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None)
 @given(raw=DICTS, other=DICTS)
 def test_random_dicts_never_raise(raw: dict[str, Any], other: dict[str, Any]) -> None:
@@ -689,6 +690,7 @@ def test_service_tier_is_bounded() -> None:
     assert U.from_openai({"prompt_tokens": 1}, "priority").service_tier == "priority"
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(raw=DICTS)
 def test_random_blocks_never_yield_untrusted_numbers(raw: dict[str, Any]) -> None:
