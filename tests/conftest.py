@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.typedefs import Handler
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.app import SINK, make_app
 from proxy.config import Config, Timeouts, Upstream
@@ -27,6 +28,9 @@ PAYLOADS = Path(__file__).parent / "payloads"
 #: The API key test clients send unless a test says otherwise: shaped like a real one, so the checks that a
 #: key never reaches a record, a log line or an error detail have something to find.
 KEY = "sk-test-secret-key-123456"
+
+#: A chat call's messages, as the openai SDK types them (a bare list of dicts is not one for mypy).
+Messages = list[ChatCompletionMessageParam]
 
 
 def payload_cases() -> list[tuple[str, str]]:

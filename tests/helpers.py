@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.conftest import KEY, FakeUpstream
+from tests.conftest import KEY, FakeUpstream, Messages
 
-MSG: Any = [{"role": "user", "content": "Say hello to the tests."}]
+MSG: Messages = [{"role": "user", "content": "Say hello to the tests."}]
 CHAT = "/v1/chat/completions"
 
 

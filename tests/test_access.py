@@ -17,12 +17,12 @@ from proxy.app import make_app
 from proxy.cli import main
 from proxy.config import Access, BudgetRule, Budgets, Config, ConfigError, Upstream
 from proxy.pricing import BUNDLED_PRICES, PriceBook
-from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest, make_client
+from tests.conftest import FakeUpstream, Messages, ProxyFactory, ProxyUnderTest, make_client
 
 KEY = "mp-proxykey-0123456789"
 #: What the clients here send in Authorization unless a test says otherwise: their upstream key.
 UPSTREAM_KEY = "sk-upstream-key-42"
-MSGS = [{"role": "user", "content": "hi"}]
+MSGS: Messages = [{"role": "user", "content": "hi"}]
 
 
 async def chat(c: openai.AsyncOpenAI) -> Any:
@@ -273,7 +273,7 @@ async def test_no_secret_or_prompt_in_logs_or_records(make_proxy: ProxyFactory, 
         access=Access(proxy_keys=(KEY,), admin_token=ADMIN),
         budgets=Budgets(runs=(BudgetRule(match="capped", tokens=0),)),
     )  # fmt: skip
-    msgs = [{"role": "system", "content": PROMPT}, {"role": "user", "content": PROMPT}]
+    msgs: Messages = [{"role": "system", "content": PROMPT}, {"role": "user", "content": PROMPT}]
 
     async def call(stream: bool = False, headers: dict[str, str] | None = None) -> None:
         c = make_client(proxy, run_id="secrets", api_key=API_KEY, headers={"X-Proxy-Key": KEY, **(headers or {})})

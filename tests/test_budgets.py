@@ -13,9 +13,9 @@ from proxy import budgets as B
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import JsonlSink
-from tests.conftest import FakeUpstream, ProxyFactory, make_client, make_record
+from tests.conftest import FakeUpstream, Messages, ProxyFactory, make_client, make_record
 
-MSGS = [{"role": "user", "content": "Hi"}]
+MSGS: Messages = [{"role": "user", "content": "Hi"}]
 # The fake upstream answers every chat call with 11 input + 3 output tokens; gpt-4o-mini costs
 # $0.15 / $0.60 per million tokens (1500 / 6000 units of 1e-10 USD per token): $0.00000345 a call.
 CALL_UNITS = 11 * 1500 + 3 * 6000  # in 1e-10 USD

@@ -7,7 +7,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import FakeUpstream, ProxyUnderTest, make_client
+from tests.conftest import FakeUpstream, Messages, ProxyUnderTest, make_client
 
 
 async def test_chat_nonstream_record(proxy: ProxyUnderTest, fake_upstream: FakeUpstream) -> None:
@@ -51,7 +51,7 @@ async def test_invalid_run_id(proxy: ProxyUnderTest, bad: str) -> None:
 # -- what the client sees through the proxy equals a direct call -----------------------------------
 
 # (SDK call, X-Fake mode, stream?) for each metered endpoint; fixtures mode replays a payload file.
-MSGS = [{"role": "user", "content": "hi"}]
+MSGS: Messages = [{"role": "user", "content": "hi"}]
 CASES = [
     pytest.param("chat", "", False, id="chat"),
     pytest.param("chat", "", True, id="chat-stream-no-include-usage"),
@@ -77,9 +77,10 @@ def _call(c: openai.OpenAI, kind: str, stream: bool, fake: str) -> list[dict[str
     elif kind == "responses":
         out = c.responses.create(model="o4-mini", input="hi", stream=stream, extra_headers=h)
     else:
-        opts = {"include_usage": True} if kind == "chat_usage" else None
+        usage_opts = {"include_usage": True} if kind == "chat_usage" else None
         out = c.chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=stream,  # type: ignore[call-overload]
-                                        extra_headers=h, **({"stream_options": opts} if opts else {}))  # fmt: skip
+                                        extra_headers=h,
+                                        **({"stream_options": usage_opts} if usage_opts else {}))  # fmt: skip
     if not stream:
         return [out.model_dump()]
     return [event.model_dump() for event in out]
@@ -96,10 +97,10 @@ async def _acall(c: openai.AsyncOpenAI, kind: str, stream: bool, fake: str) -> l
     elif kind == "responses":
         out = await c.responses.create(model="o4-mini", input="hi", stream=stream, extra_headers=h)
     else:
-        opts = {"include_usage": True} if kind == "chat_usage" else None
+        usage_opts = {"include_usage": True} if kind == "chat_usage" else None
         out = await c.chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=stream,  # type: ignore[call-overload]
                                               extra_headers=h,
-                                              **({"stream_options": opts} if opts else {}))  # fmt: skip
+                                              **({"stream_options": usage_opts} if usage_opts else {}))  # fmt: skip
     if not stream:
         return [out.model_dump()]
     return [event.model_dump() async for event in out]
@@ -231,7 +232,7 @@ async def test_ollama_native_embed(proxy: ProxyUnderTest, fake_upstream: FakeUps
 
 # -- servers that reject stream_options (Mistral: 422 extra_forbidden) ---------------------------
 
-HI = [{"role": "user", "content": "hi"}]
+HI: Messages = [{"role": "user", "content": "hi"}]
 
 
 async def test_upstream_rejecting_stream_options_is_retried_once_and_remembered(

@@ -20,9 +20,19 @@ import orjson
 import pytest
 
 from proxy.config import Timeouts, Upstream
-from tests.conftest import KEY, PAYLOADS, FakeUpstream, ProxyFactory, ProxyUnderTest, health, make_client, wait_health
+from tests.conftest import (
+    KEY,
+    PAYLOADS,
+    FakeUpstream,
+    Messages,
+    ProxyFactory,
+    ProxyUnderTest,
+    health,
+    make_client,
+    wait_health,
+)
 
-MSG = [{"role": "user", "content": "Say hello to the tests."}]
+MSG: Messages = [{"role": "user", "content": "Say hello to the tests."}]
 HEX12 = re.compile(r"[0-9a-f]{12}")
 CHAT_BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG})
 
@@ -121,7 +131,8 @@ async def until(predicate: Any, timeout: float) -> bool:
     ],
 )
 async def test_upstream_error_json_reaches_client_unchanged(
-    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, status: int, category: str, exc_type: type
+    proxy: ProxyUnderTest, fake_upstream: FakeUpstream, status: int, category: str,
+    exc_type: type[openai.APIStatusError],
 ) -> None:
     c = make_client(proxy, run_id="up-err", headers={"X-Fake": f"status:{status}"})
     with pytest.raises(exc_type) as info:
@@ -844,9 +855,9 @@ async def test_every_failed_call_has_one_log_line(
             assert r.status == 400
     # A client that leaves mid-stream.
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
-    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    raw = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"X-Run-Id: logged\r\nX-Fake-Delay: 0.2\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                 b"X-Run-Id: logged\r\nX-Fake-Delay: 0.2\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw))
     await reader.read(100)
     writer.close()
     await proxy.settle(7)

@@ -22,9 +22,9 @@ from proxy import usage as U
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import Record
-from tests.conftest import FakeUpstream, ProxyFactory, make_client
+from tests.conftest import FakeUpstream, Messages, ProxyFactory, make_client
 
-MSGS = [{"role": "user", "content": "Hi"}]
+MSGS: Messages = [{"role": "user", "content": "Hi"}]
 PRICES = PriceBook.load(BUNDLED_PRICES)
 CALL_UNITS = 11 * 1500 + 3 * 6000  # 1e-10 USD: the table's price of the fake's normal answer
 EST_IN = 9  # estimate_input_tokens(MSGS): (2 chars + 3) // 4 + 4 per message + 3
@@ -52,7 +52,9 @@ async def chat(c: openai.AsyncOpenAI, stream: bool = False, **kwargs: Any) -> An
     except openai.APIStatusError as exc:
         return exc
     if stream:
-        _ = [chunk async for chunk in resp.parse()]
+        events = resp.parse()
+        assert isinstance(events, openai.AsyncStream)  # stream is a bool here: the SDK's types allow either
+        _ = [chunk async for chunk in events]
     return resp
 
 

@@ -227,7 +227,8 @@ def test_strip_usage_passes_a_runaway_event_on() -> None:
     out = b"".join(meter.feed(data[i : i + 100], float(i)) for i in range(0, len(data), 100))
     out += meter.finish(1e9)
     assert out == first + big + b"data: [DONE]\n\n"
-    assert meter.usage() is not None and meter.usage().total_tokens == 8
+    read = meter.usage()
+    assert read is not None and read.total_tokens == 8
     assert meter.done
 
 
@@ -240,7 +241,8 @@ def test_strip_usage_only_drops_choices_empty_with_usage() -> None:
     final = (b'data: {"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
              b'"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}\n\n')  # fmt: skip
     meter, out = run("chat", [final], strip=True)
-    assert out == final and meter.usage() is not None and meter.usage().total_tokens == 3
+    usage = meter.usage()
+    assert out == final and usage is not None and usage.total_tokens == 3
 
 
 def test_no_strip_passes_chunks_through_unchanged() -> None:

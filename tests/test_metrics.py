@@ -16,10 +16,10 @@ from proxy.app import METRICS
 from proxy.metrics import _CACHE_MAX, MAX_LABEL_LEN, Metrics
 from proxy.pricing import BUNDLED_PRICES, PriceBook, parse_custom_prices
 from proxy.records import ErrorInfo, JsonlSink
-from tests.conftest import ProxyFactory, ProxyUnderTest, make_client, make_record
+from tests.conftest import Messages, ProxyFactory, ProxyUnderTest, make_client, make_record
 
 RUN = "metrics-run-7f3a9c"
-MSGS = [{"role": "user", "content": "hi"}]
+MSGS: Messages = [{"role": "user", "content": "hi"}]
 # USD per million tokens: each fake call (11 in, 3 out) costs 11 * 1e-6 + 3 * 4e-6 = 2.3e-5.
 HOUSE = [{"model": "house-*", "input": 1, "output": 4}]
 

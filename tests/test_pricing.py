@@ -270,8 +270,8 @@ COST_CASES = [
     [pytest.param(*case[1:], id=case[0]) for case in COST_CASES],
 )
 def test_cost(
-    book: PriceBook, usage: Usage, kw: dict[str, Any], cost: float, breakdown: dict, price_model: str
-):
+    book: PriceBook, usage: Usage, kw: dict[str, Any], cost: float, breakdown: dict[str, float], price_model: str
+) -> None:
     kw = dict(kw)
     got = _price(book, usage, kw.pop("model"), **kw)
     assert got.cost_usd == approx(cost)

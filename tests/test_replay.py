@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import FakeUpstream, ProxyUnderTest, load_case, payload_cases
 
-CASES = [pytest.param(provider, case, id=f"{provider}/{case}") for provider, case in payload_cases()]
+CASES: list[Any] = [pytest.param(provider, case, id=f"{provider}/{case}") for provider, case in payload_cases()]
 
 PATHS = {
     "chat": "chat/completions",

@@ -185,7 +185,7 @@ async def test_every_spelling(harness: Any, method: str, target: str, outcome: s
     if outcome == METERED:
         assert status == 200, body
         assert h.upstream.targets == [expect]
-        assert list(recs) == [run_id] and len(recs[run_id]) == 1
+        assert run_id is not None and list(recs) == [run_id] and len(recs[run_id]) == 1
         rec = recs[run_id][0]
         assert rec["success"] is True and rec["endpoint"] == routes.resolve(target.split("?")[0], "POST").path
         assert rec["request_id"] == headers["x-meter-request-id"]

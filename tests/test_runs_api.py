@@ -15,9 +15,9 @@ from yarl import URL
 
 from proxy import config, report, runs_api
 from proxy.runs_api import RUNS_API, EventHub
-from tests.conftest import ProxyUnderTest, make_client, make_record
+from tests.conftest import Messages, ProxyUnderTest, make_client, make_record
 
-MSG = [{"role": "user", "content": "hi"}]
+MSG: Messages = [{"role": "user", "content": "hi"}]
 
 
 async def three_calls(proxy: ProxyUnderTest, run_id: str = "r1") -> list[dict[str, Any]]:

@@ -18,11 +18,11 @@ import pytest
 
 from proxy.cli import main
 from proxy.pricing import BUNDLED_PRICES, PriceBook
-from tests.conftest import ProxyFactory, ProxyUnderTest, make_client
+from tests.conftest import Messages, ProxyFactory, ProxyUnderTest, make_client
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_COPY = Path("/tmp/ui-screenshot.png")
-MSG = [{"role": "user", "content": "hi"}]
+MSG: Messages = [{"role": "user", "content": "hi"}]
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium package to test the UI"

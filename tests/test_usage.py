@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -480,7 +481,7 @@ def test_server_timing(body: dict[str, Any], expected: dict[str, float] | None) 
     if expected is None:
         assert got is None
     else:
-        assert got == pytest.approx(expected)
+        assert got is not None and got == pytest.approx(expected)
         assert set(got) == set(expected)
         assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
 
@@ -616,8 +617,10 @@ def _valid_block(dialect: str) -> dict[str, Any]:
     return {"prompt_eval_count": 100, "prompt_eval_cached_count": 40, "eval_count": 20}
 
 
-_PARSERS = {"openai": U.from_openai, "deepseek": U.from_openai, "anthropic": U.from_anthropic,
-            "responses": U.from_responses, "ollama": U.from_ollama_native}  # fmt: skip
+_PARSERS: dict[str, Callable[[dict[str, Any]], U.Usage]] = {
+    "openai": U.from_openai, "deepseek": U.from_openai, "anthropic": U.from_anthropic,
+    "responses": U.from_responses, "ollama": U.from_ollama_native,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -743,7 +746,7 @@ def test_bounded_raw_keeps_small_blocks_verbatim() -> None:
 
 
 def test_bounded_raw_cuts_a_4mb_string_and_keeps_the_counts() -> None:
-    raw = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14, "pad": "x" * (4 << 20)}
+    raw: dict[str, Any] = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14, "pad": "x" * (4 << 20)}
     size = len(orjson.dumps(raw))
     got = U.bounded_raw(raw)
     assert got is not None and len(orjson.dumps(got)) <= U.USAGE_RAW_MAX_BYTES
