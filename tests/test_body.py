@@ -355,7 +355,7 @@ async def test_a_client_trickling_its_body_gets_408(make_proxy: ProxyFactory, fa
     proxy = await make_proxy(client_body_timeout_s=1)
     assert proxy.server.port is not None
     slow = asyncio.create_task(slow_client(proxy.server.port, CHAT, "X-Run-Id: slow"))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a real interval: the slow body is a byte in when the fast call comes
     t0 = time.perf_counter()
     status, _, raw = await post(proxy.url(CHAT), BODY, {"X-Run-Id": "fast"})
     assert status == 200 and time.perf_counter() - t0 < 0.5, raw
@@ -386,7 +386,7 @@ async def test_a_slow_body_inside_the_timeout_is_fine(make_proxy: ProxyFactory, 
     try:
         writer.write(head(CHAT, "X-Run-Id: patient", length=len(BODY)))
         for i in range(0, len(BODY), len(BODY) // 5 + 1):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a real interval: the body comes in five parts over 0.5 s
             writer.write(BODY[i : i + len(BODY) // 5 + 1])
         status, _, raw = await asyncio.wait_for(read_response(reader), 5)
     finally:
