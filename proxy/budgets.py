@@ -40,7 +40,7 @@ from proxy.records import JsonlSink, Record, open_run_file
 from proxy.usage import Usage, estimate_input_tokens
 
 if TYPE_CHECKING:
-    from proxy.forward import Call
+    from proxy.call import Call
     from proxy.pricing import PriceBook
 
 log = logging.getLogger("metering_proxy.budgets")

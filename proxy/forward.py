@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +17,11 @@ from yarl import URL
 
 from proxy import errors, redact, routes, upstreams
 from proxy.body import read_body
+from proxy.call import Call, to_record
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import ProxyError
-from proxy.meter import Meter
-from proxy.records import ErrorInfo, JsonlSink, Record, cost_fields, usage_fields
-from proxy.usage import bounded_raw, settle
+from proxy.records import JsonlSink, Record
+from proxy.usage import settle
 
 if TYPE_CHECKING:
     from proxy.pricing import PriceBook
@@ -39,81 +35,6 @@ _MAX_TAG_LEN = 256
 
 
 Check = Callable[["Call", web.Request, dict[str, Any]], Awaitable[None]]
-
-
-class Call:
-    """What is known about one call while it is in flight."""
-
-    __slots__ = (
-        "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "path", "method", "upstream", "provider",
-        "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "extra_headers", "delivered", "secrets", "credentials", "request_headers",
-    )  # fmt: skip
-
-    def __init__(self, endpoint: routes.Endpoint | None, method: str, path: str, secrets: redact.Secrets,
-                 request_headers: Mapping[str, str]) -> None:  # fmt: skip
-        self.t0 = perf_counter()
-        self.ts = time.time()
-        self.request_id = "req_" + os.urandom(12).hex()
-        self.run_id: str | None = None
-        self.task: str | None = None
-        self.tags: dict[str, str] = {}
-        self.endpoint = endpoint
-        self.path = path
-        """The canonical path: the endpoint's, or what a refused request asked for."""
-        self.method = method
-        self.upstream: Upstream | None = None
-        self.provider: str | None = None
-        self.requested_model: str | None = None
-        self.stream = False
-        self.status = 0
-        self.meter = Meter(endpoint.dialect if endpoint else "chat")
-        self.ttfb: float | None = None
-        self.error: ErrorInfo | None = None
-        self.injected = False
-        self.upstream_request_id: str | None = None
-        self.request_obj: dict[str, Any] | None = None
-        self.up: aiohttp.ClientResponse | None = None
-        self.extra_headers: dict[str, str] = {}
-        """Headers a pre-forward check wants on the client's response (e.g. budget spend)."""
-        self.delivered = False
-        """The stream's final event reached the client: a hang-up after it loses nothing."""
-        self.secrets = secrets
-        """The proxy's secrets: masked in all this call sends out."""
-        self.credentials = redact.credentials(request_headers)
-        """This client's own credentials: masked in its record and in error answers."""
-        self.request_headers = request_headers
-
-    def fail(self, category: str, detail: str) -> ErrorInfo:
-        """Mark the call failed (first failure wins) and return its error.
-
-        The detail may quote the upstream, which may quote the request or a key: secrets are masked by
-        value, the text is cut where it starts echoing the request, key-shaped strings are masked.
-        """
-        if self.error is None:
-            needles = redact.request_text(self.request_headers, self.request_obj)
-            detail = redact.cut_echo(self.secrets.mask(detail, self.credentials), needles)
-            self.error = ErrorInfo(category=category, id=errors.new_error_id(), detail=errors.scrub(detail))
-        return self.error
-
-
-_ISO_SECOND: list[Any] = [-1, ""]  # the last whole second formatted: calls mostly share it
-
-
-def _iso(ts: float) -> str:
-    """Return ts as UTC ISO 8601 with milliseconds; strftime runs once per second, not per call."""
-    sec = int(ts)
-    micros = round((ts - sec) * 1e6)  # as datetime rounds, so both agree to the millisecond
-    if micros >= 1_000_000:
-        sec, micros = sec + 1, micros - 1_000_000
-    if sec != _ISO_SECOND[0]:
-        _ISO_SECOND[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _ISO_SECOND[0] = sec
-    return f"{_ISO_SECOND[1]}.{micros // 1000:03d}Z"
-
-
-def _ms(start: float, end: float | None) -> float | None:
-    return None if end is None else round((end - start) * 1000, 3)
 
 
 Observer = Callable[[Record], None]
@@ -363,7 +284,8 @@ class Forwarder:
         url = self.upstreams.url(upstream, request[routes.ROUTE], request.rel_url.raw_query_string)
         up_headers = self._upstream_headers(request, upstream)
         up = await self._send(request.method, url, body, up_headers)
-        if usage_stream and (body is not original or "stream_options" in obj) and await _rejects_stream_options(up):
+        asked = body is not original or "stream_options" in obj
+        if usage_stream and asked and await upstreams.rejects_stream_options(up):
             # Some servers refuse the field outright (Mistral: 422 extra_forbidden); the call must not fail
             # over it. Once per upstream: from now on its streams go without it.
             up.release()
@@ -384,7 +306,7 @@ class Forwarder:
         meter = call.meter
         headers = self._client_headers(up, call, call.credentials)
         if up.status >= 400:
-            err = call.fail(errors.category_for_status(up.status), _error_detail(body, up.status))
+            err = call.fail(errors.category_for_status(up.status), upstreams.error_detail(body, up.status))
             headers["X-Meter-Error-Id"] = err.id
             # An upstream that echoes the key the proxy injected must not hand it to a client who never had it.
             body = call.secrets.mask_bytes(body, call.credentials)
@@ -470,11 +392,6 @@ class Forwarder:
                                request=call.request_obj, billed=billed)  # fmt: skip
         if call.error is None and meter.error_category is not None:
             call.fail(meter.error_category, meter.error_detail or "error in the response")
-        duration = (end - call.t0) * 1000
-        ttft = _ms(call.t0, meter.first_output_at) if call.stream else None
-        window = duration - ttft if ttft is not None else duration
-        # Under 1 ms of generation time the rate says nothing but "the upstream sent it all at once".
-        tps = round(usage.output_tokens / (window / 1000), 3) if usage.output_tokens and window >= 1 else None
         provider = call.provider
         upstream_name = call.upstream.name if call.upstream else None
         if provider is None and call.upstream is not None:
@@ -486,33 +403,7 @@ class Forwarder:
                 usage, model=meter.model, requested_model=call.requested_model, upstream=upstream_name,
                 provider=provider, dialect=meter.dialect,
             )  # fmt: skip
-        record = Record(
-            ts=_iso(call.ts),
-            run_id=call.run_id,
-            request_id=call.request_id,
-            task=call.task,
-            tags=call.tags,
-            endpoint=call.path,
-            method=call.method,
-            upstream=upstream_name,
-            provider=provider,
-            requested_model=call.requested_model,
-            model=meter.model,
-            stream=call.stream,
-            status=call.status,
-            success=call.error is None and 0 < call.status < 400,
-            finish_reason=meter.finish_reason,
-            stream_usage_injected=call.injected,
-            ttfb_ms=_ms(call.t0, call.ttfb),
-            ttft_ms=ttft,
-            duration_ms=round(duration, 3),
-            tokens_per_second=tps,
-            server_timing=meter.server_timing,
-            upstream_request_id=call.upstream_request_id,
-            error=call.error,
-            **usage_fields(usage, source, bounded_raw(meter.usage_raw)),
-            **cost_fields(cost),
-        )
+        record = to_record(call, end, usage, source, provider, cost)
         self.sink.write(call.run_id, call.secrets.mask_bytes(record.to_json(), call.credentials))
         if call.error is not None:
             # One line per failed call, so every X-Meter-Error-Id can be found; the detail stays in the
@@ -562,34 +453,3 @@ async def expect_continue(request: web.Request) -> None:
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the start of the response
-
-
-async def _rejects_stream_options(up: aiohttp.ClientResponse) -> bool:
-    """Whether an upstream's 400/422 names stream_options (its body stays readable for the record)."""
-    if up.status not in (400, 422):
-        return False
-    try:
-        return b"stream_options" in await up.read()
-    except (aiohttp.ClientError, TimeoutError):
-        return False
-
-
-def _error_detail(body: bytes, status: int) -> str:
-    """Pull the message out of an upstream error body of any dialect (JSON, HTML or empty)."""
-    if not body:
-        return f"upstream answered {status} with no body"
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        text = re.sub(rb"<[^>]*>|\s+", b" ", body[:2000]).decode("utf-8", "replace").strip()
-        return f"upstream answered {status}: {text}"
-    err = obj.get("error", obj) if isinstance(obj, dict) else obj
-    if isinstance(err, dict):
-        # The structured fields first: they say what went wrong without quoting anything, and survive
-        # the cut of a message that starts echoing the request.
-        fields = " ".join(f"{k}={v}" for k in ("type", "code", "param")
-                          if isinstance(v := err.get(k), str | int) and not isinstance(v, bool)
-                          and len(str(v)) <= 64 and str(v).replace("_", "").replace(".", "").isalnum())  # fmt: skip
-        message = err.get("message") or ""
-        return f"upstream answered {status}" + (f" ({fields})" if fields else "") + f": {message}"
-    return f"upstream answered {status}: {err}"

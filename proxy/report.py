@@ -42,7 +42,7 @@ class RunNotFound(LookupError):
     """
 
 
-class Call(NamedTuple):
+class RecordedCall(NamedTuple):
     """What a summary needs from one record, type-checked."""
 
     start: float
@@ -84,8 +84,8 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def parse_call(obj: Any) -> Call:
-    """Return the Call in a parsed record; raise TypeError/ValueError when it is not a record."""
+def parse_call(obj: Any) -> RecordedCall:
+    """Return the RecordedCall in a parsed record; raise TypeError/ValueError when it is not a record."""
     if not isinstance(obj, dict):
         raise TypeError("not a JSON object")
     ts = obj.get("ts")
@@ -96,7 +96,7 @@ def parse_call(obj: Any) -> Call:
     model = obj.get("model") or obj.get("requested_model")
     task = obj.get("task")
     upstream = obj.get("upstream")
-    return Call(
+    return RecordedCall(
         start=_epoch(ts),
         duration_ms=float(obj.get("duration_ms") or 0.0),
         ttft_ms=_opt_float(obj.get("ttft_ms")),
@@ -153,7 +153,7 @@ class Stats:
         self.durations: array[float] | None = array("d") if samples else None
         self.ttfts: array[float] | None = array("d") if samples else None
 
-    def add(self, c: Call) -> None:
+    def add(self, c: RecordedCall) -> None:
         """Fold one call in."""
         self.calls += 1
         if c.success:
@@ -246,7 +246,7 @@ def check_by(spec: str) -> str:
     raise ValueError(f"--by must be model, task, upstream or tag:NAME (got {spec!r})")
 
 
-def _group_key(spec: str, c: Call) -> str | None:
+def _group_key(spec: str, c: RecordedCall) -> str | None:
     if spec == "model":
         return c.model
     if spec == "task":
@@ -257,7 +257,7 @@ def _group_key(spec: str, c: Call) -> str | None:
     return None if value is None else str(value)
 
 
-def _brief(c: Call) -> dict[str, Any]:
+def _brief(c: RecordedCall) -> dict[str, Any]:
     return {
         "request_id": c.request_id, "ts": c.ts, "model": c.model, "task": c.task, "upstream": c.upstream,
         "status": c.status, "success": c.success, "duration_ms": c.duration_ms, "ttft_ms": c.ttft_ms,
@@ -274,7 +274,7 @@ class LineReader:
         self.skipped = 0
         self.notes: list[str] = []
 
-    def take(self, lineno: int, line: bytes, terminated: bool = True) -> tuple[Call, Any] | None:
+    def take(self, lineno: int, line: bytes, terminated: bool = True) -> tuple[RecordedCall, Any] | None:
         """Return (call, parsed record) for a record line; None (and a note) for anything else."""
         body = line.strip()
         if not body:
@@ -371,8 +371,8 @@ class RunSummary:
         self.stats = Stats(self.samples)
         self.reader = LineReader()
         self.breakdowns: dict[str, dict[str | None, Stats]] = {spec: {} for spec in self.specs}
-        self._slow: list[tuple[float, int, Call]] = []
-        self._dear: list[tuple[float, int, Call]] = []
+        self._slow: list[tuple[float, int, RecordedCall]] = []
+        self._dear: list[tuple[float, int, RecordedCall]] = []
         self._recent: deque[dict[str, Any]] = deque(maxlen=self.view_limit)
 
     def update(self, final: bool = True) -> None:
@@ -439,12 +439,12 @@ class RunSummary:
             self._recent.append({k: obj.get(k) for k in VIEW_FIELDS})
 
     @property
-    def slowest(self) -> list[Call]:
+    def slowest(self) -> list[RecordedCall]:
         """The TOP_N longest calls, longest first."""
         return [c for *_, c in sorted(self._slow, key=lambda t: t[:2], reverse=True)]
 
     @property
-    def most_expensive(self) -> list[Call]:
+    def most_expensive(self) -> list[RecordedCall]:
         """The TOP_N costliest priced calls, costliest first."""
         return [c for *_, c in sorted(self._dear, key=lambda t: t[:2], reverse=True)]
 

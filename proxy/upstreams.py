@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
+import aiohttp
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -164,3 +166,34 @@ def client_headers(headers: Mapping[str, str], mask: Callable[[str, tuple[str, .
 def shown_url(url: URL) -> str:
     """An upstream URL fit for an error message: no userinfo, no query."""
     return str(url.with_user(None).with_query(None)) if url.user or url.password else str(url.with_query(None))
+
+
+async def rejects_stream_options(up: aiohttp.ClientResponse) -> bool:
+    """Whether an upstream's 400/422 names stream_options (its body stays readable for the record)."""
+    if up.status not in (400, 422):
+        return False
+    try:
+        return b"stream_options" in await up.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def error_detail(body: bytes, status: int) -> str:
+    """Pull the message out of an upstream error body of any dialect (JSON, HTML or empty)."""
+    if not body:
+        return f"upstream answered {status} with no body"
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = re.sub(rb"<[^>]*>|\s+", b" ", body[:2000]).decode("utf-8", "replace").strip()
+        return f"upstream answered {status}: {text}"
+    err = obj.get("error", obj) if isinstance(obj, dict) else obj
+    if isinstance(err, dict):
+        # The structured fields first: they say what went wrong without quoting anything, and survive
+        # the cut of a message that starts echoing the request.
+        fields = " ".join(f"{k}={v}" for k in ("type", "code", "param")
+                          if isinstance(v := err.get(k), str | int) and not isinstance(v, bool)
+                          and len(str(v)) <= 64 and str(v).replace("_", "").replace(".", "").isalnum())  # fmt: skip
+        message = err.get("message") or ""
+        return f"upstream answered {status}" + (f" ({fields})" if fields else "") + f": {message}"
+    return f"upstream answered {status}: {err}"
