@@ -57,6 +57,19 @@ async def _healthz(port: int) -> int:
 
 
 @pytest.mark.slow
+
+async def _term(proc: asyncio.subprocess.Process) -> int:
+    """SIGTERM a serve process and return its exit code (the drain must end within 20 s)."""
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), 20)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill a serve process a failed test left running."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
 async def test_serve_prints_one_line_and_drains_on_sigterm(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     proc, port, line = await _start(fake_upstream, runs)
@@ -72,9 +85,7 @@ async def test_serve_prints_one_line_and_drains_on_sigterm(fake_upstream: FakeUp
         assert b"[DONE]" in first + rest
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _reap(proc)
     [rec] = [orjson.loads(x) for x in (runs / "term.jsonl").read_bytes().splitlines()]
     assert rec["success"] is True and rec["output_tokens"] == 3 and rec["error"] is None
 
@@ -95,12 +106,9 @@ async def test_workers_share_port_and_files(fake_upstream: FakeUpstream, tmp_pat
 
             statuses = await asyncio.gather(*(one(i) for i in range(120)))
         assert set(statuses) == {200}
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await _term(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _reap(proc)
     lines = [x for i in range(3) for x in (runs / f"w{i}.jsonl").read_bytes().splitlines()]
     assert len(lines) == 120 and all(orjson.loads(x)["success"] for x in lines)
 
@@ -168,12 +176,9 @@ async def test_port_0_start_line_names_the_bound_port_dashboard_and_base_url(
         assert await _healthz(port) == 200
         async with aiohttp.ClientSession() as s, s.get(f"{base}/ui") as resp:
             assert resp.status == 200  # the dashboard really is where the line says
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await _term(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _reap(proc)
 
 
 async def test_workers_own_the_port_no_one_else_can_join(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
