@@ -385,8 +385,8 @@ def _put(out: dict[str, float], key: str, value: Any, scale: float) -> None:
 # -- estimation: when the upstream reports no usage (or usage that cannot be believed) -------------
 
 #: How deep _all_text looks: real payloads nest a few levels; orjson accepts 1024, which would
-#: overflow Python's recursion limit.
-_MAX_DEPTH = 32
+#: overflow Python's recursion limit. (Not _MAX_DEPTH: that bounds a shortened usage_raw.)
+_MAX_TEXT_DEPTH = 32
 
 
 def estimate_input_tokens(request: dict[str, Any]) -> int:
@@ -410,7 +410,7 @@ def estimate_output_tokens(chars: int) -> int:
 def _all_text(value: Any, depth: int = 0) -> int:
     if isinstance(value, str):
         return len(value)
-    if depth >= _MAX_DEPTH:  # a deeply nested request must not overflow the recursion limit
+    if depth >= _MAX_TEXT_DEPTH:  # a deeply nested request must not overflow the recursion limit
         return 0
     if isinstance(value, list):
         return sum(_all_text(v, depth + 1) for v in value)

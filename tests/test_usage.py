@@ -800,3 +800,18 @@ def test_settle(reported: U.Usage | None, final: bool, billed: bool, expected: t
     usage, got_source = U.settle(reported, final=final, output_chars=40, request=request, billed=billed)
     assert (usage.input_tokens, usage.output_tokens) == expected and got_source == source
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens or got_source == "upstream"
+
+
+def test_bounded_raw_drops_nesting_past_eight_levels() -> None:
+    """The documented depth bound of a shortened block (its own constant, not the text walker's 32)."""
+    deep: dict[str, Any] = {"pad": "x" * (U.USAGE_RAW_MAX_BYTES + 1)}
+    cur = deep
+    for _ in range(12):
+        cur["n"] = {}
+        cur = cur["n"]
+    out = U.bounded_raw(deep)
+    assert out is not None and out["_truncated"] is True
+    levels, node = 0, out
+    while isinstance(node, dict) and "n" in node:
+        node, levels = node["n"], levels + 1
+    assert (levels, node) == (8, "...(nested too deep)")
