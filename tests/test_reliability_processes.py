@@ -37,25 +37,26 @@ async def stream_call(
 
 
 @pytest.mark.slow
+async def streams_in_flight(
+    session: aiohttp.ClientSession, url: str, headers: list[dict[str, str]]
+) -> list[asyncio.Task[tuple[int, str, bytes]]]:
+    """Start one streaming call per headers dict; return once every one of them is mid-stream."""
+    flags = [asyncio.Event() for _ in headers]
+    calls = [asyncio.create_task(stream_call(session, url, h, flag)) for h, flag in zip(headers, flags, strict=True)]
+    await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 10)
+    return calls
+
+
 async def test_sigterm_under_load_drains_every_call(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
     """50 streams in flight at SIGTERM: all finish whole within the grace period, 50 records, exit 0."""
     served = await serve(fake_upstream, tmp_path / "runs", shutdown_grace_s=10)
     n = 50
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n)) as s:
-            flags = [asyncio.Event() for _ in range(n)]
-            calls = [
-                asyncio.create_task(
-                    stream_call(
-                        s,
-                        served.base + CHAT,
-                        {"X-Run-Id": "term", "X-Fake-Delay": "0.15", "X-Meter-Tag-N": str(i)},
-                        flags[i],
-                    )
-                )
-                for i in range(n)
-            ]
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 10)  # all 50 are mid-stream
+            calls = await streams_in_flight(  # all 50 are mid-stream
+                s, served.base + CHAT,
+                [{"X-Run-Id": "term", "X-Fake-Delay": "0.15", "X-Meter-Tag-N": str(i)} for i in range(n)],
+            )  # fmt: skip
             t_term = time.monotonic()
             served.term()
             results = await asyncio.wait_for(asyncio.gather(*calls), 15)
@@ -79,14 +80,7 @@ async def test_sigterm_grace_period_runs_out(fake_upstream: FakeUpstream, tmp_pa
     n = 10
     try:
         async with aiohttp.ClientSession() as s:
-            flags = [asyncio.Event() for _ in range(n)]
-            calls = [
-                asyncio.create_task(
-                    stream_call(s, served.base + CHAT, {"X-Run-Id": "cut", "X-Fake-Delay": "1"}, flags[i])
-                )
-                for i in range(n)
-            ]
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 10)
+            calls = await streams_in_flight(s, served.base + CHAT, [{"X-Run-Id": "cut", "X-Fake-Delay": "1"}] * n)
             t_term = time.monotonic()
             served.term()
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 15)
@@ -110,16 +104,9 @@ async def test_second_sigterm_does_not_cut_the_drain(fake_upstream: FakeUpstream
     n = 5
     try:
         async with aiohttp.ClientSession() as s:
-            flags = [asyncio.Event() for _ in range(n)]
-            calls = [
-                asyncio.create_task(
-                    stream_call(
-                        s, served.base + CHAT, {"X-Run-Id": "twice", "X-Fake-Delay": "0.12"}, flags[i]
-                    )
-                )
-                for i in range(n)
-            ]
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 10)
+            calls = await streams_in_flight(
+                s, served.base + CHAT, [{"X-Run-Id": "twice", "X-Fake-Delay": "0.12"}] * n
+            )
             served.term()
             # A real interval: the second signal must come once the drain has begun (the proxy then holds
             # further signals), which nothing outside the process can see.
