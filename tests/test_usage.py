@@ -811,7 +811,8 @@ def test_bounded_raw_drops_nesting_past_eight_levels() -> None:
         cur = cur["n"]
     out = U.bounded_raw(deep)
     assert out is not None and out["_truncated"] is True
-    levels, node = 0, out
-    while isinstance(node, dict) and "n" in node:
-        node, levels = node["n"], levels + 1
-    assert (levels, node) == (8, "...(nested too deep)")
+    levels = 0
+    node_any: Any = out
+    while isinstance(node_any, dict) and "n" in node_any:
+        node_any, levels = node_any["n"], levels + 1
+    assert levels == 8 and node_any == "...(nested too deep)"
