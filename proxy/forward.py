@@ -146,7 +146,7 @@ class Forwarder:
         if route.endpoint is not None:
             return await self.metered(request, route.endpoint)
         if not route.is_api:
-            if ("/v1" + route.path) not in routes.BY_PATH:
+            if not route.lacks_v1:
                 raise web.HTTPNotFound()
             # POST /chat/completions: a base URL without /v1. Refused with the hint, and recorded.
             return self.refuse(request, routes.unknown(route, request.method))

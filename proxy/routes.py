@@ -14,7 +14,6 @@ from urllib.parse import quote, unquote_to_bytes
 from aiohttp import web
 
 from proxy import errors
-from proxy.config import RUN_ID_RE
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +28,6 @@ class Endpoint:
     """OpenTelemetry ``gen_ai.operation.name``; Responses and Anthropic Messages are chat turns."""
     streams_by_default: bool = False
     """Whether a request without ``stream`` streams (Ollama's native chat and generate do)."""
-
-    @property
-    def native(self) -> bool:
-        """Served at the server's root (Ollama's /api), not under the upstream's ``base_url``."""
-        return self.path.startswith("/api/")
 
 
 #: The metered endpoints (all POST). Routing, access refusals, metrics, the upstream URL and the stream
@@ -81,6 +75,16 @@ class Route:
     """The run id of a /run/<id>/... path (validated later, with the header's)."""
     endpoint: Endpoint | None
     """The metered endpoint, when the path is one and the method is POST."""
+
+    @property
+    def native(self) -> bool:
+        """Under /api (Ollama's native API): served at the upstream's root, not under its ``base_url``."""
+        return self.path.startswith("/api/")
+
+    @property
+    def lacks_v1(self) -> bool:
+        """A metered endpoint's path without its /v1: a client whose base URL should end in /v1."""
+        return ("/v1" + self.path) in BY_PATH
 
     @property
     def is_api(self) -> bool:
@@ -165,16 +169,10 @@ def _resolve(raw_path: str, method: str) -> Route:
     return Route(canonical=canonical, path=path, run_id=run_id, endpoint=endpoint)
 
 
-def valid_run_id(run_id: str) -> bool:
-    """Whether run_id is one the proxy accepts (1-128 of [A-Za-z0-9._-], not starting with '.')."""
-    return RUN_ID_RE.fullmatch(run_id) is not None
-
-
 class Passthrough:
     """The unmetered allow-list: ``METHOD GLOB`` rules on the canonical path (``*`` stays in one segment)."""
 
     def __init__(self, rules: tuple[str, ...]) -> None:
-        self.rules = rules
         self._compiled = [(m.upper(), _glob(g)) for m, _, g in (r.partition(" ") for r in rules)]
 
     def allows(self, method: str, path: str) -> bool:
@@ -195,7 +193,7 @@ def unknown(route: Route, method: str) -> UnknownPath:
     if route.path in BY_PATH:
         return UnknownPath(f"{method} {shown} is not served: this endpoint takes POST.", status=405,
                            code="method_not_allowed")  # fmt: skip
-    if ("/v1" + route.path) in BY_PATH:
+    if route.lacks_v1:
         return UnknownPath(f"Unknown path {shown}: the base URL should end in /v1 (e.g. http://127.0.0.1:8787/v1).",
                            code="unknown_path")  # fmt: skip
     return UnknownPath(f"Unknown path {method} {shown}: metered endpoints are POST "

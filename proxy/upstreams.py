@@ -88,10 +88,6 @@ class Upstreams:
 
     # -- providers -------------------------------------------------------------------------
 
-    def configured_provider(self, upstream: Upstream) -> str | None:
-        """The provider the config or the URL's host names, or None."""
-        return self._by_url[upstream.name]
-
     def provider(self, upstream: Upstream, headers: Mapping[str, str] | None, hint: str | None,
                  usage_raw: dict[str, Any] | None) -> str | None:  # fmt: skip
         """The configured provider, else the one learned from the upstream's answers, else this answer's."""
@@ -124,7 +120,7 @@ class Upstreams:
         url = self._urls.get(key)
         if url is None:
             base = self._bases[upstream.name]
-            if route.path.startswith("/api/") and base.path.endswith("/v1"):
+            if route.native and base.path.endswith("/v1"):
                 base = base.with_path(base.path[:-3])  # Ollama's native API lives beside /v1, at the root
             url = URL(str(base.origin()) + base.raw_path.rstrip("/") + route.upstream_tail(), encoded=True)
             if len(self._urls) < _MAX_CACHED_URLS:
