@@ -68,7 +68,7 @@ class Call:
         """This client's own credentials: masked in its record and in error answers."""
         self.request_headers = request_headers
 
-    def fail(self, category: str, detail: str) -> ErrorInfo:
+    def fail(self, category: errors.Category, detail: str) -> ErrorInfo:
         """Mark the call failed (first failure wins) and return its error.
 
         The detail may quote the upstream, which may quote the request or a key: secrets are masked by

@@ -19,7 +19,7 @@ from proxy import errors, redact, routes, upstreams
 from proxy.body import read_body
 from proxy.call import Call, to_record
 from proxy.config import RUN_ID_RE, Config, Upstream
-from proxy.errors import ProxyError
+from proxy.errors import Category, ProxyError
 from proxy.records import JsonlSink, Record
 from proxy.usage import settle
 
@@ -183,20 +183,20 @@ class Forwarder:
                 raise  # the client had the whole answer and hung up before the body's end: a success
             if call.status == 0:
                 call.status = 499  # nginx's "client closed request": no status was ever sent
-            call.fail("proxy_shutdown" if self.shutting_down else "client_aborted",
+            call.fail(Category.PROXY_SHUTDOWN if self.shutting_down else Category.CLIENT_ABORTED,
                       "the proxy stopped before the call finished" if self.shutting_down
                       else "the client disconnected before the response was complete")  # fmt: skip
             raise
         except Exception as exc:
             # A bug (ours or a check's) must still leave a record saying so; aiohttp answers the 500.
             call.status = call.status or (exc.status if isinstance(exc, web.HTTPException) else 500)
-            call.fail("unknown", f"internal error: {type(exc).__name__}: {exc}")
+            call.fail(Category.UNKNOWN, f"internal error: {type(exc).__name__}: {exc}")
             raise
         finally:
             if call.up is not None:
                 # Closing (not releasing) an unfinished response drops the connection, which is
                 # how an upstream learns to stop generating.
-                if call.error is not None and call.error.category in ("client_aborted", "proxy_shutdown"):
+                if call.error is not None and call.error.category in (Category.CLIENT_ABORTED, Category.PROXY_SHUTDOWN):
                     call.up.close()
                 else:
                     call.up.release()
@@ -317,20 +317,20 @@ class Forwarder:
             except ValueError:
                 where = "an invalid Location"
             headers["X-Meter-Error-Id"] = call.fail(
-                "upstream_redirect", f"the upstream answered {up.status} redirecting to {where}; not followed"
+                Category.UPSTREAM_REDIRECT, f"the upstream answered {up.status} redirecting to {where}; not followed"
             ).id
         elif not body:
-            headers["X-Meter-Error-Id"] = call.fail("empty_response", "the upstream answered with an empty body").id
+            headers["X-Meter-Error-Id"] = call.fail(Category.EMPTY_RESPONSE, "the upstream answered an empty body").id
         elif not meter.read_body(body):
             headers["X-Meter-Error-Id"] = call.fail(
-                "invalid_response", f"the upstream's {up.status} body is not a JSON object"
+                Category.INVALID_RESPONSE, f"the upstream's {up.status} body is not a JSON object"
             ).id
         resp = web.Response(body=body, status=up.status, headers=headers)
         try:
             await resp.prepare(request)
             await resp.write_eof()
         except ConnectionError:
-            call.fail("client_aborted", "the client disconnected before the response was sent")
+            call.fail(Category.CLIENT_ABORTED, "the client disconnected before the response was sent")
         return resp
 
     async def _stream(self, request: web.Request, call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -343,10 +343,10 @@ class Forwarder:
                 try:
                     chunk = await content.readany()
                 except TimeoutError:
-                    call.fail("timeout", "the upstream stopped sending mid-stream (read timeout)")
+                    call.fail(Category.TIMEOUT, "the upstream stopped sending mid-stream (read timeout)")
                     break
                 except aiohttp.ClientError as exc:
-                    call.fail("stream_interrupted", f"the upstream stream broke off: {type(exc).__name__}")
+                    call.fail(Category.STREAM_INTERRUPTED, f"the upstream stream broke off: {type(exc).__name__}")
                     break
                 if not chunk:
                     break
@@ -364,13 +364,13 @@ class Forwarder:
                 await resp.write(call.secrets.mask_bytes(tail))
             if call.error is None:
                 self._check_stream_end(call)
-            if call.error is not None and call.error.category in ("timeout", "stream_interrupted"):
+            if call.error is not None and call.error.category in (Category.TIMEOUT, Category.STREAM_INTERRUPTED):
                 message = f"metering-proxy: {call.error.detail} (error id {call.error.id})"
                 await resp.write(meter.spec.error_event(call.error.category, message))
             await resp.write_eof()
         except ConnectionError:
             if not call.delivered:
-                call.fail("client_aborted", "the client disconnected mid-stream")
+                call.fail(Category.CLIENT_ABORTED, "the client disconnected mid-stream")
         return resp
 
     def _check_stream_end(self, call: Call) -> None:
@@ -378,9 +378,9 @@ class Forwarder:
         if meter.error_category is not None:
             call.fail(meter.error_category, meter.error_detail or "error event in the stream")
         elif meter.events == 0:
-            call.fail("empty_response", "the upstream stream ended without any event")
+            call.fail(Category.EMPTY_RESPONSE, "the upstream stream ended without any event")
         elif not (meter.done or meter.finish_reason is not None):
-            call.fail("stream_interrupted", "the upstream stream ended before its final event")
+            call.fail(Category.STREAM_INTERRUPTED, "the upstream stream ended before its final event")
 
     # -- record ----------------------------------------------------------------------------
 

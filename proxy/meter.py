@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from proxy import usage as U
-from proxy.errors import category_for_stream_error, scrub
+from proxy.errors import Category, category_for_stream_error, scrub
 from proxy.sse import Event, SSEDecoder
 
 _MAX_LINE = 16 * 1024 * 1024
@@ -65,7 +65,7 @@ class Meter:
         self.finish_reason: str | None = None
         self.first_output_at: float | None = None
         self.output_chars = 0
-        self.error_category: str | None = None
+        self.error_category: Category | None = None
         self.error_detail: str | None = None
         self.server_timing: dict[str, float] | None = None
         self.events = 0
@@ -125,7 +125,7 @@ class Meter:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             if ev.is_error_field:
-                self._error("server_error", data.decode("utf-8", "replace"))
+                self._error(Category.SERVER_ERROR, data.decode("utf-8", "replace"))
             return True
         if not isinstance(obj, dict):
             return True
@@ -308,7 +308,7 @@ class Meter:
         """Record an in-band error of any dialect: nested, flat, or Ollama's plain string."""
         err = obj.get("error", obj)
         if isinstance(err, str):
-            self._error("server_error", err)
+            self._error(Category.SERVER_ERROR, err)
             return
         if not isinstance(err, dict):
             err = obj
@@ -317,7 +317,7 @@ class Meter:
             kind = str(err["code"])
         self._error(category_for_stream_error(kind), str(err.get("message") or kind))
 
-    def _error(self, category: str, detail: str) -> None:
+    def _error(self, category: Category, detail: str) -> None:
         if self.error_category is None:
             self.error_category = category
             self.error_detail = scrub(detail)

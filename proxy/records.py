@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
+from proxy.errors import Category
 from proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def open_run_file(path: Path) -> BinaryIO:
 class ErrorInfo:
     """Why a call failed."""
 
-    category: str
+    category: Category
     id: str
     detail: str
 

@@ -54,13 +54,13 @@ _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
 
 
 class InvalidPath(errors.BadRequest):
-    category = "invalid_path"
+    category = errors.Category.INVALID_PATH
 
 
 class UnknownPath(errors.ProxyError):
     status = 404
     type = "invalid_request_error"
-    category = "unknown_path"
+    category = errors.Category.UNKNOWN_PATH
 
 
 @dataclass(frozen=True, slots=True)

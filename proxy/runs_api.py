@@ -36,7 +36,7 @@ class UnknownRun(errors.ProxyError):
 
     status = 404
     type = "invalid_request_error"
-    category = "unknown"
+    category = errors.Category.UNKNOWN
 
 
 class TooManySubscribers(errors.ProxyError):
@@ -44,7 +44,7 @@ class TooManySubscribers(errors.ProxyError):
 
     status = 503
     type = "server_error"
-    category = "unknown"
+    category = errors.Category.UNKNOWN
 
 
 class Subscriber:

@@ -8,6 +8,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import redact, routes
 from proxy.call import Call, to_record
 from proxy.config import Upstream
+from proxy.errors import Category
 from proxy.usage import Usage
 
 
@@ -37,7 +38,7 @@ def test_to_record_maps_the_observed_facts() -> None:
 
 def test_a_failed_call_is_no_success_and_its_credentials_are_known() -> None:
     call = _call()
-    err = call.fail("rate_limit", "upstream said: key sk-client-0123456789 is throttled")
+    err = call.fail(Category.RATE_LIMIT, "upstream said: key sk-client-0123456789 is throttled")
     assert "sk-client-0123456789" not in err.detail and "[redacted]" in err.detail
     rec = to_record(call, call.t0 + 0.5, Usage(), "none", None, None)
     assert rec.success is False and rec.error is err and rec.tokens_per_second is None

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from proxy.app import METRICS
+from proxy.errors import Category
 from proxy.metrics import _CACHE_MAX, MAX_LABEL_LEN, Metrics
 from proxy.pricing import BUNDLED_PRICES, PriceBook, parse_custom_prices
 from proxy.records import ErrorInfo, JsonlSink
@@ -201,7 +202,7 @@ def test_default_cap_is_200_models_and_caches_stay_bounded(tmp_path: Path) -> No
 
 def test_streams_failed_and_instant(tmp_path: Path) -> None:
     m = Metrics(JsonlSink(tmp_path))
-    err = ErrorInfo("stream_interrupted", "abc", "cut")
+    err = ErrorInfo(Category.STREAM_INTERRUPTED, "abc", "cut")
     m.observe(make_record(stream=True, ttft_ms=100.0, duration_ms=300.0, output_tokens=4))  # tpot 0.05
     m.observe(make_record(stream=True, ttft_ms=100.0, duration_ms=100.5, output_tokens=4))  # < 1 ms: no tpot
     m.observe(make_record(stream=True, ttft_ms=50.0, duration_ms=90.0, success=False, error=err))  # neither

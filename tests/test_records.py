@@ -13,12 +13,13 @@ import pytest
 
 from proxy import records
 from proxy.app import SINK
+from proxy.errors import Category
 from proxy.records import ErrorInfo, JsonlSink
 from tests.conftest import FakeUpstream, ProxyFactory, ProxyUnderTest, make_record
 
 
 def test_line_is_one_complete_json_object() -> None:
-    line = make_record(error=ErrorInfo("timeout", "0123456789ab", "slow")).to_json()
+    line = make_record(error=ErrorInfo(Category.TIMEOUT, "0123456789ab", "slow")).to_json()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert orjson.loads(line)["error"] == {"category": "timeout", "id": "0123456789ab", "detail": "slow"}
 
