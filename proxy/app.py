@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -15,6 +16,8 @@ from proxy.config import Config
 from proxy.forward import Forwarder, Hooks, expect_continue
 from proxy.metrics import Metrics
 from proxy.records import JsonlSink
+from proxy.shipper import Shipping, ShippingCollector
+from proxy.shipper import from_config as shipping_from_config
 
 if TYPE_CHECKING:
     from proxy.pricing import PriceBook
@@ -25,6 +28,7 @@ CONFIG = web.AppKey("config", Config)
 SINK = web.AppKey("sink", JsonlSink)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 METRICS = web.AppKey("metrics", Metrics)
+SHIPPING = web.AppKey("shipping", Shipping)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,7 +53,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while records can be written, 503 when they cannot."""
+    """200 while records can be written (status degraded while a shipper lags or fails), 503 when they cannot."""
     sink = request.app[SINK]
     body = {
         "status": "ok" if sink.healthy else "unhealthy",
@@ -58,6 +62,11 @@ async def healthz(request: web.Request) -> web.Response:
         "records_dropped": sink.dropped,
         "error": sink.last_error,
     }
+    shipping = request.app.get(SHIPPING)
+    if shipping is not None:
+        degraded, body["shipper"] = shipping.health()
+        if degraded and sink.healthy:
+            body["status"] = "degraded"  # still 200: calls are recorded; the copies elsewhere lag
     return web.Response(status=200 if sink.healthy else 503, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -86,8 +95,14 @@ def route_middleware(forwarder: Forwarder) -> Callable[..., Awaitable[web.Stream
     return canonical
 
 
-def make_app(cfg: Config, pricebook: PriceBook | None = None) -> web.Application:
-    """Build the proxy application for a configuration."""
+def make_app(
+    cfg: Config, pricebook: PriceBook | None = None, *, multiprocess_dir: Path | None = None
+) -> web.Application:
+    """Build the proxy application for a configuration.
+
+    multiprocess_dir is given to each worker of ``serve --workers N``: /metrics and the live events then
+    cover every worker of the host (metric files shared there; events read from the run files).
+    """
     # Request bodies are decoded by proxy.body, in small steps between which other calls run: aiohttp's
     # decoder inflated a compression bomb up to the size limit in one go, stalling every call in flight.
     app = web.Application(middlewares=[error_middleware], client_max_size=cfg.max_body_bytes,
@@ -95,9 +110,11 @@ def make_app(cfg: Config, pricebook: PriceBook | None = None) -> web.Application
     app[CONFIG] = cfg
     app[SINK] = sink = JsonlSink(cfg.runs_dir, cfg.flush_interval_s, fsync=cfg.fsync == "batch")
     access.check_exposure(cfg)  # an open relay must not start
-    app[METRICS] = metrics = Metrics(sink)
+    app[METRICS] = metrics = Metrics(sink, multiprocess_dir=multiprocess_dir)
     app[budgets.BUDGETS] = tracker = budgets.BudgetTracker(cfg.budgets, sink, pricebook)
-    runs = runs_api.RunsApi(cfg.runs_dir)
+    runs = runs_api.RunsApi(cfg.runs_dir, follow_files=multiprocess_dir is not None)
+    if multiprocess_dir is not None:
+        sink.on_flush.append(runs.hub.wake)  # this worker's records: followed as soon as they are written
     # Every feature on the request path, in the order it runs: checks before forwarding, observers after
     # each record is queued.
     hooks = Hooks(
@@ -112,6 +129,11 @@ def make_app(cfg: Config, pricebook: PriceBook | None = None) -> web.Application
     if guard is not None:
         app.middlewares.append(guard)
     app.cleanup_ctx.append(_resources)
+    shipping = shipping_from_config(cfg.runs_dir, cfg.ship)
+    if shipping is not None:
+        app[SHIPPING] = shipping
+        metrics.registry.register(ShippingCollector(shipping))
+        app.cleanup_ctx.append(_shipping)
     app.on_shutdown.append(_on_shutdown)
 
     app.router.add_get("/healthz", healthz)
@@ -143,6 +165,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await session.close()
         await sink.close()
+
+
+async def _shipping(app: web.Application) -> AsyncIterator[None]:
+    """Ship records to the configured destinations while the app runs (after the sink's final flush, stop)."""
+    shipping = app[SHIPPING]
+    await shipping.start()
+    try:
+        yield
+    finally:
+        await shipping.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:

@@ -8,9 +8,11 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
+
+from proxy.usage import MAX_RATE_PER_TOKEN
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 #: Unmetered paths forwarded by default ("METHOD GLOB" on the canonical path): SDKs list models.
@@ -40,7 +42,9 @@ class Upstream:
     provider: str | None = None
     """Provider hint; None means detect it from the URL and the responses."""
     api_key_env: str | None = None
-    """Environment variable whose value the proxy sends as the upstream's Bearer token."""
+    """Environment variable whose value the proxy sends as the upstream's API key."""
+    api_key: str | None = field(default=None, repr=False)
+    """That variable's value, read by resolve_env at load; never shown."""
     headers: tuple[tuple[str, str], ...] = ()
     """Extra headers added to every request to this upstream."""
     models: tuple[str, ...] = ("*",)
@@ -82,14 +86,111 @@ class Budgets:
 
 
 @dataclass(frozen=True, slots=True)
+class CustomPrice:
+    """One prices.custom rule, in USD per million tokens; it beats the price table for what it matches."""
+
+    model: str
+    """Glob on the model name (the response's, else the request's), case-sensitive."""
+    upstream: str | None
+    """Only for calls to this upstream (by name); None for any."""
+    input: float
+    """Uncached input tokens."""
+    cached_input: float | None
+    """Cache reads; None means the input price."""
+    cache_write: float | None
+    """Cache writes; None means the input price."""
+    output: float
+    """Output tokens (reasoning included)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Access:
     """Who may use the proxy: proxy keys for /v1, an admin token for /runs, /ui and /metrics."""
 
     proxy_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys clients send as their Bearer token (after resolve_env, also those from proxy_keys_env)."""
     proxy_keys_env: str | None = None
     """Environment variable holding comma-separated proxy keys (added to proxy_keys)."""
     admin_token: str | None = field(default=None, repr=False)
+    """Token for /runs, /ui and /metrics (after resolve_env, admin_token_env's value when this is unset)."""
     admin_token_env: str | None = None
+    """Environment variable holding the admin token."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShipPostgres:
+    """Records copied from the run files into a PostgreSQL ``calls`` table (see proxy/pg.py)."""
+
+    url: str = field(default="", repr=False)
+    """The connection URL (postgresql://user:password@host:port/db), or url_env's value; never shown."""
+    url_env: str | None = None
+    """Environment variable holding the URL (read at load; keeps the password out of the file)."""
+    batch_size: int = 1000
+    """Most records per COPY transaction."""
+    interval_s: float = 1.0
+    """How often the run files are looked at when the backlog is empty (interval_ms in the file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShipWebhook:
+    """Records POSTed in signed JSON batches to a URL (see proxy/webhook.py)."""
+
+    url: str = field(default="", repr=False)
+    """Where batches are POSTed (http or https); may hold a token, so never shown whole."""
+    secret: str = field(default="", repr=False)
+    """The HMAC-SHA256 key, secret_env's value; never shown."""
+    secret_env: str = ""
+    """Environment variable holding the signing secret (required)."""
+    batch_size: int = 100
+    """Most records per POST."""
+    interval_s: float = 1.0
+    """How often the run files are looked at when the backlog is empty (interval_ms in the file)."""
+    timeout_s: float = 10.0
+    """A POST that has not answered in this long failed (and is retried)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ship:
+    """Where records are copied to from the run files (off by default: no destination)."""
+
+    postgres: ShipPostgres | None = None
+    """The PostgreSQL destination, when configured."""
+    webhook: ShipWebhook | None = None
+    """The webhook destination, when configured."""
+    degraded_after_s: float = 60.0
+    """/healthz says degraded once the oldest unshipped record is older than this."""
+    retry_max_s: float = 30.0
+    """Longest wait between two delivery attempts while a destination fails (backoff doubles up to it)."""
+
+
+#: The OTLP protocols the otel extra speaks (its exporter is opentelemetry-exporter-otlp-proto-http).
+OTLP_PROTOCOLS = ("http/protobuf",)
+
+
+@dataclass(frozen=True, slots=True)
+class Otel:
+    """OpenTelemetry export over OTLP (the otel extra); off by default. Unset values: the SDK's OTEL_* variables."""
+
+    enabled: bool = False
+    """Export a span per call, the GenAI metrics and (with logs) each record; needs the otel extra."""
+    endpoint: str | None = None
+    """OTLP/HTTP base URL (http://collector:4318; /v1/traces etc. are added); None: OTEL_EXPORTER_OTLP_ENDPOINT."""
+    protocol: str = "http/protobuf"
+    """The OTLP protocol (from OTEL_EXPORTER_OTLP_PROTOCOL when the key is unset); only http/protobuf."""
+    service_name: str | None = None
+    """service.name; None: OTEL_SERVICE_NAME, else metering-proxy."""
+    headers_env: str | None = None
+    """Environment variable holding export headers as k=v,k2=v2 (an API key for a hosted backend)."""
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """headers_env's headers, read at load; never shown. Empty: OTEL_EXPORTER_OTLP_HEADERS, read by the SDK."""
+    logs: bool = False
+    """Also export every record as an OTLP log record."""
+    metrics_interval_s: float = 60.0
+    """How often the GenAI metrics are exported."""
+    queue_size: int = 2048
+    """Spans (and log records) held for export; past it new ones are dropped, and counted."""
+    export_timeout_s: float = 10.0
+    """Longest one export may take, retries included (a collector that hangs costs this, off the request path)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +227,8 @@ class Config:
     """How long calls in flight may finish after SIGINT/SIGTERM."""
     prices_file: Path | None = None
     """A LiteLLM-format price table to use instead of the bundled one."""
-    custom_prices: tuple[Any, ...] = ()
-    """prices.custom rules (pricing.CustomPrice), first match wins, before the table."""
+    custom_prices: tuple[CustomPrice, ...] = ()
+    """prices.custom rules, first match wins, before the table."""
     log_level: str = "info"
     """debug, info, warning or error; successful calls are never logged (records are the log)."""
     event_loop: str = "auto"
@@ -139,6 +240,10 @@ class Config:
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
     """Unmetered paths forwarded as they are, as "METHOD GLOB" rules on the canonical path (``*`` stays
     within one segment, ``**`` crosses them); every other path but the metered endpoints gets a 404."""
+    ship: Ship = field(default_factory=Ship)
+    """Destinations the run files' records are shipped to (none by default)."""
+    otel: Otel = field(default_factory=Otel)
+    """OpenTelemetry spans, metrics and logs over OTLP (off by default)."""
 
 
 def _fail(key: str, why: str) -> ConfigError:
@@ -218,11 +323,11 @@ def normalise_base_url(url: str, key: str) -> str:
     return url.rstrip("/")
 
 
-def _positive(raw: dict[str, Any], key: str, default: float) -> float:
+def _positive(raw: dict[str, Any], key: str, default: float, path: str = "") -> float:
     value = raw.get(key, default)
     # Zero would refuse every body; infinity (or NaN) would bring back clients that never finish.
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise _fail(key, f"must be a number > 0 (got {value!r})")
+        raise _fail(f"{path}{key}", f"must be a number > 0 (got {value!r})")
     return float(value)
 
 
@@ -241,8 +346,6 @@ def _upstream(raw: Any, i: int) -> Upstream:
     if provider is not None and provider not in PROVIDERS:
         raise _fail(f"{path}provider", f"must be one of {', '.join(sorted(PROVIDERS))}")
     key_env = _str(raw, "api_key_env", path, None)
-    if key_env is not None and not os.environ.get(key_env):
-        raise _fail(f"{path}api_key_env", f"environment variable {key_env} is not set")
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str | int) for v in headers.values()):
         raise _fail(f"{path}headers", "must be a mapping of header name to string value")
@@ -271,15 +374,21 @@ KEYS: dict[str, frozenset[str]] = {
         "host", "port", "runs_dir", "default_run_id", "upstreams", "timeouts", "max_body_bytes",
         "client_body_timeout_s", "max_header_bytes", "max_connections", "flush_interval_ms", "fsync",
         "on_record_failure", "shutdown_grace_s", "prices", "log_level", "event_loop", "budgets", "access",
-        "passthrough",
+        "passthrough", "ship", "otel",
     }),
     "upstreams[]": frozenset({"name", "base_url", "provider", "api_key_env", "headers", "models",
                               "inject_stream_usage"}),
     "timeouts": frozenset({"connect_s", "read_s", "total_s"}),
     "prices": frozenset({"file", "custom"}),
+    "prices.custom[]": frozenset({"model", "upstream", "input", "cached_input", "cache_write", "output"}),
     "budgets": frozenset({"default", "runs"}),
     "budgets.runs[]": frozenset({"match", "usd", "tokens"}),
     "access": frozenset({"proxy_keys", "proxy_keys_env", "admin_token", "admin_token_env"}),
+    "ship": frozenset({"postgres", "webhook", "degraded_after_s", "retry_max_s"}),
+    "ship.postgres": frozenset({"url", "url_env", "batch_size", "interval_ms"}),
+    "ship.webhook": frozenset({"url", "secret_env", "batch_size", "interval_ms", "timeout_s"}),
+    "otel": frozenset({"enabled", "endpoint", "protocol", "service_name", "headers_env", "logs",
+                       "metrics_interval_s", "queue_size", "export_timeout_s"}),
 }  # fmt: skip
 
 
@@ -332,13 +441,6 @@ def _budgets(raw: Any) -> Budgets:
     return Budgets(default=default, runs=tuple(runs))
 
 
-def _env_value(raw: dict[str, Any], key: str) -> str | None:
-    name = _str(raw, key, "access.", None)
-    if name is not None and not os.environ.get(name, "").strip():
-        raise _fail(f"access.{key}", f"environment variable {name} is not set")
-    return name
-
-
 def _access(raw: Any) -> Access:
     if raw is None:
         return Access()
@@ -353,8 +455,8 @@ def _access(raw: Any) -> Access:
     admin = _str(raw, "admin_token", "access.", None)
     if admin is not None and admin.split() != [admin]:
         raise _fail("access.admin_token", "must not contain spaces")
-    return Access(proxy_keys=tuple(keys), proxy_keys_env=_env_value(raw, "proxy_keys_env"), admin_token=admin,
-                  admin_token_env=_env_value(raw, "admin_token_env"))  # fmt: skip
+    return Access(proxy_keys=tuple(keys), proxy_keys_env=_str(raw, "proxy_keys_env", "access.", None),
+                  admin_token=admin, admin_token_env=_str(raw, "admin_token_env", "access.", None))  # fmt: skip
 
 
 def _upstreams(raw: Any, default: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
@@ -381,21 +483,151 @@ def _timeouts(raw: Any, d: Timeouts) -> Timeouts:
     )
 
 
-def _prices(raw: Any) -> tuple[Path | None, tuple[Any, ...]]:
-    """prices.file (relative to the working directory) and the parsed prices.custom rules."""
+def custom_prices(raw: Any) -> tuple[CustomPrice, ...]:
+    """The prices.custom rules, checked; errors name the offending key."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise _fail("prices.custom", "must be a list of mappings")
+    allowed = KEYS["prices.custom[]"]
+    out: list[CustomPrice] = []
+    for i, item in enumerate(raw):
+        where = f"prices.custom[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(where, f"must be a mapping with keys {', '.join(sorted(allowed))}")
+        _check_keys(item, allowed, f"{where}.")
+        model, upstream = item.get("model"), item.get("upstream")
+        if not isinstance(model, str) or not model.strip():
+            raise _fail(f"{where}.model", "required, a non-empty string (a glob such as 'llama*')")
+        if upstream is not None and (not isinstance(upstream, str) or not upstream.strip()):
+            raise _fail(f"{where}.upstream", "must be an upstream name (a non-empty string)")
+        rates: dict[str, float | None] = {}
+        for key in ("input", "cached_input", "cache_write", "output"):
+            value: Any = item.get(key)
+            if value is None and key in ("cached_input", "cache_write"):
+                rates[key] = None
+                continue
+            if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                    or not 0 <= value <= MAX_RATE_PER_TOKEN * 1e6):  # fmt: skip
+                raise _fail(f"{where}.{key}", f"must be a number >= 0 and at most {MAX_RATE_PER_TOKEN * 1e6:.0f}"
+                                              " (USD per million tokens)")  # fmt: skip
+            rates[key] = float(value)
+        out.append(CustomPrice(model.strip(), upstream.strip() if upstream else None, rates["input"] or 0.0,
+                               rates["cached_input"], rates["cache_write"], rates["output"] or 0.0))  # fmt: skip
+    return tuple(out)
+
+
+def _prices(raw: Any) -> tuple[Path | None, tuple[CustomPrice, ...]]:
+    """prices.file (relative to the working directory) and the prices.custom rules."""
     raw = raw or {}
     if not isinstance(raw, dict):
         raise _fail("prices", "must be a mapping")
     _check_keys(raw, KEYS["prices"], "prices.")
     file = _str(raw, "file", "prices.", None)
-    if raw.get("custom") is None:
-        return (Path(file) if file else None), ()
-    from proxy.pricing import parse_custom_prices
+    return (Path(file) if file else None), custom_prices(raw.get("custom"))
 
-    try:
-        return (Path(file) if file else None), parse_custom_prices(raw["custom"])
-    except ValueError as exc:
-        raise ConfigError(f"config: {exc}") from None
+
+def _ship_env(raw: dict[str, Any], key: str, path: str) -> tuple[str | None, str]:
+    """(the variable's name, its value) for a *_env key of ship; read here, at load, like every setting."""
+    name = _str(raw, key, path, None)
+    if name is None:
+        return None, ""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise _fail(f"{path}{key}", f"environment variable {name} is not set")
+    return name, value
+
+
+def _ship_common(raw: dict[str, Any], path: str, batch_default: int) -> tuple[int, float]:
+    batch = _num(raw, "batch_size", path, batch_default, integer=True, minimum=1)
+    if batch > 100_000:
+        raise _fail(f"{path}batch_size", "must be at most 100000 (a batch is held in memory)")
+    return batch, _num(raw, "interval_ms", path, 1000, minimum=10) / 1000
+
+
+def _ship_postgres(raw: Any) -> ShipPostgres:
+    path = "ship.postgres."
+    if not isinstance(raw, dict):
+        raise _fail("ship.postgres", "must be a mapping with url or url_env")
+    _check_keys(raw, KEYS["ship.postgres"], path)
+    env, url = _ship_env(raw, "url_env", path)
+    url = url or _str(raw, "url", path, None) or ""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise _fail(f"{path}url", f"must be a postgresql:// URL, or url_env must name one (got {redact_url(url)!r})")
+    batch, interval = _ship_common(raw, path, 1000)
+    return ShipPostgres(url=url, url_env=env, batch_size=batch, interval_s=interval)
+
+
+def _ship_webhook(raw: Any) -> ShipWebhook:
+    path = "ship.webhook."
+    if not isinstance(raw, dict):
+        raise _fail("ship.webhook", "must be a mapping with url and secret_env")
+    _check_keys(raw, KEYS["ship.webhook"], path)
+    url = _str(raw, "url", path, None)
+    if url is None:
+        raise _fail(f"{path}url", "is required")
+    url = normalise_base_url(url, f"{path}url")
+    env, secret = _ship_env(raw, "secret_env", path)
+    if env is None:
+        raise _fail(f"{path}secret_env", "is required: the environment variable holding the signing secret")
+    batch, interval = _ship_common(raw, path, 100)
+    return ShipWebhook(url=url, secret=secret, secret_env=env, batch_size=batch, interval_s=interval,
+                       timeout_s=_num(raw, "timeout_s", path, 10.0, minimum=0.1))  # fmt: skip
+
+
+def _ship(raw: Any) -> Ship:
+    if raw is None:
+        return Ship()
+    if not isinstance(raw, dict):
+        raise _fail("ship", "must be a mapping with postgres and/or webhook")
+    _check_keys(raw, KEYS["ship"], "ship.")
+    return Ship(
+        postgres=None if raw.get("postgres") is None else _ship_postgres(raw["postgres"]),
+        webhook=None if raw.get("webhook") is None else _ship_webhook(raw["webhook"]),
+        degraded_after_s=_num(raw, "degraded_after_s", "ship.", 60.0, minimum=1),
+        retry_max_s=_num(raw, "retry_max_s", "ship.", 30.0, minimum=0.01),
+    )
+
+
+def _otel_headers(name: str, key: str) -> tuple[tuple[str, str], ...]:
+    """The headers in an OTEL_EXPORTER_OTLP_HEADERS-style variable: k=v pairs, comma-separated, %-encoded."""
+    out = []
+    for item in _from_env(name, key).split(","):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise _fail(key, f"environment variable {name} must hold name=value pairs separated by commas")
+        out.append((unquote(k.strip()), unquote(v.strip())))
+    return tuple(out)
+
+
+def _otel(raw: Any) -> Otel:
+    if raw is None:
+        return Otel()
+    if not isinstance(raw, dict):
+        raise _fail("otel", "must be a mapping")
+    _check_keys(raw, KEYS["otel"], "otel.")
+    for key in ("enabled", "logs"):
+        if not isinstance(raw.get(key, False), bool):
+            raise _fail(f"otel.{key}", "must be true or false")
+    endpoint = _str(raw, "endpoint", "otel.", None)
+    # The standard variable, read here like every setting; only when the file does not say.
+    protocol = raw.get("protocol") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or OTLP_PROTOCOLS[0]
+    if protocol not in OTLP_PROTOCOLS:
+        raise _fail("otel.protocol", f"must be {', '.join(OTLP_PROTOCOLS)} (got {protocol!r}; a collector takes"
+                    " it on port 4318)")  # fmt: skip
+    headers_env = _str(raw, "headers_env", "otel.", None)
+    return Otel(
+        enabled=raw.get("enabled", False),
+        endpoint=None if endpoint is None else normalise_base_url(endpoint, "otel.endpoint"),
+        protocol=protocol,
+        service_name=_str(raw, "service_name", "otel.", None),
+        headers_env=headers_env,
+        headers=() if headers_env is None else _otel_headers(headers_env, "otel.headers_env"),
+        logs=raw.get("logs", False),
+        metrics_interval_s=_positive(raw, "metrics_interval_s", 60.0, "otel."),
+        queue_size=_num(raw, "queue_size", "otel.", 2048, integer=True, minimum=1),
+        export_timeout_s=_positive(raw, "export_timeout_s", 10.0, "otel."),
+    )
 
 
 def from_mapping(raw: dict[str, Any]) -> Config:
@@ -408,7 +640,7 @@ def from_mapping(raw: dict[str, Any]) -> Config:
     if not RUN_ID_RE.fullmatch(run_id or ""):
         raise _fail("default_run_id", "must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'")
     prices_file, custom = _prices(raw.get("prices"))
-    return Config(
+    cfg = Config(
         host=_str(raw, "host", "", d.host) or d.host,
         port=check_port(raw.get("port", d.port), "port"),
         runs_dir=Path(_str(raw, "runs_dir", "", str(d.runs_dir)) or d.runs_dir),
@@ -430,7 +662,48 @@ def from_mapping(raw: dict[str, Any]) -> Config:
         budgets=_budgets(raw.get("budgets")),
         access=_access(raw.get("access")),
         passthrough=_passthrough(raw.get("passthrough")),
+        ship=_ship(raw.get("ship")),
+        otel=_otel(raw.get("otel")),
     )
+    return resolve_env(cfg)
+
+
+def _from_env(name: str, key: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise _fail(key, f"environment variable {name} is not set")
+    return value
+
+
+def resolve_env(cfg: Config) -> Config:
+    """cfg with the value of every environment variable its *_env keys name; fails naming the key of one unset.
+
+    The one place the proxy reads its environment for settings (load calls it; code that builds a Config
+    by hand calls it too), so what a process uses is fixed at start-up and shown nowhere. Idempotent.
+    """
+    ups = tuple(
+        replace(u, api_key=_from_env(u.api_key_env, f"upstreams[{i}].api_key_env"))
+        if u.api_key_env is not None and u.api_key is None else u
+        for i, u in enumerate(cfg.upstreams)
+    )  # fmt: skip
+    a = cfg.access
+    keys = a.proxy_keys
+    if a.proxy_keys_env is not None:
+        listed = _from_env(a.proxy_keys_env, "access.proxy_keys_env").split(",")
+        keys = tuple(dict.fromkeys(keys + tuple(k.strip() for k in listed if k.strip())))
+    token = a.admin_token
+    if token is None and a.admin_token_env is not None:
+        token = _from_env(a.admin_token_env, "access.admin_token_env")
+    return replace(cfg, upstreams=ups, access=replace(a, proxy_keys=keys, admin_token=token))
+
+
+def price_cache_path() -> Path:
+    """Where `prices update` keeps the refreshed table: $METERING_PROXY_CACHE_DIR, else the XDG cache dir."""
+    if override := os.environ.get("METERING_PROXY_CACHE_DIR"):
+        return Path(override).expanduser() / "model_prices.json"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "metering-proxy" / "model_prices.json"
 
 
 def load(path: Path | None) -> Config:
