@@ -13,14 +13,13 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from proxy import errors, routes
-from proxy.config import Access, Config, ConfigError
+from proxy.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from proxy.forward import Forwarder
@@ -48,30 +47,10 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
-def _env(name: str | None, key: str) -> str | None:
-    if name is None:
-        return None
-    value = os.environ.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"config: access.{key}: environment variable {name} is not set")
-    return value
-
-
-def proxy_keys(access: Access) -> tuple[str, ...]:
-    """The configured proxy keys: access.proxy_keys plus the comma-separated ones in proxy_keys_env."""
-    from_env = _env(access.proxy_keys_env, "proxy_keys_env") or ""
-    return access.proxy_keys + tuple(k.strip() for k in from_env.split(",") if k.strip())
-
-
-def admin_token(access: Access) -> str | None:
-    """The admin token from access.admin_token, else from admin_token_env."""
-    return access.admin_token or _env(access.admin_token_env, "admin_token_env")
-
-
 def check_exposure(cfg: Config) -> None:
     """Refuse an open relay: a non-loopback bind while injecting upstream keys and without proxy keys."""
     injecting = [u.name for u in cfg.upstreams if u.api_key_env]
-    if injecting and not is_loopback(cfg.host) and not proxy_keys(cfg.access):
+    if injecting and not is_loopback(cfg.host) and not cfg.access.proxy_keys:
         raise ConfigError(
             f"config: access.proxy_keys: refusing to listen on {cfg.host or 'all interfaces'} (not loopback)"
             f" while upstream {', '.join(injecting)} sends its API key (api_key_env) and no proxy keys are"
@@ -132,8 +111,8 @@ def _admin_error(path: str, presented: str | None, configured: bool) -> errors.U
 
 def middleware(cfg: Config, forwarder: Forwarder) -> Callable[..., Awaitable[web.StreamResponse]] | None:
     """The access middleware for cfg, or None when nothing is restricted (loopback, no keys, no token)."""
-    keys = tuple(_digest(k) for k in proxy_keys(cfg.access))
-    token = admin_token(cfg.access)
+    keys = tuple(_digest(k) for k in cfg.access.proxy_keys)
+    token = cfg.access.admin_token
     admin = (_digest(token),) if token else ()
     guard_admin = bool(admin) or not is_loopback(cfg.host)
     if not keys and not guard_admin:

@@ -313,10 +313,10 @@ def _supervise(cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socke
 
 
 def _prices(args: argparse.Namespace) -> int:
-    from proxy import pricing
+    from proxy import prices_cmd
 
     if args.prices_command == "update":
-        ok, message = pricing.update_prices(args.url or pricing.DEFAULT_PRICES_URL)
+        ok, message = prices_cmd.update_prices(args.url or prices_cmd.DEFAULT_PRICES_URL)
         print(message)
         return 0 if ok else 1
     cfg = config_mod.load(args.config)
@@ -327,5 +327,5 @@ def _prices(args: argparse.Namespace) -> int:
             from proxy import providers
 
             provider = u.provider or providers.from_url(u.base_url)
-    print(book.lookup_text(args.model, upstream=args.upstream, provider=provider))
+    print(prices_cmd.lookup_text(book, args.model, upstream=args.upstream, provider=provider))
     return 0

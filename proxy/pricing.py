@@ -5,11 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import os
 import re
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -17,15 +13,13 @@ from typing import Any
 
 import orjson
 
-from proxy.usage import MAX_TOKENS_PER_CALL, Usage, valid_cost
+from proxy.config import CustomPrice, price_cache_path
+from proxy.usage import MAX_RATE_PER_TOKEN, MAX_TOKENS_PER_CALL, Usage, valid_cost
 
 log = logging.getLogger("metering_proxy.pricing")
 
 # Package data, so an installed wheel has it too (config/ beside the package exists only in a source tree).
 BUNDLED_PRICES: Path = Path(__file__).resolve().parent / "data" / "model_prices.json"
-DEFAULT_PRICES_URL: str = (
-    "https://raw.githubusercontent.com/BerriAI/litellm/main/model_prices_and_context_window.json"
-)
 
 _IN, _OUT = "input_cost_per_token", "output_cost_per_token"
 _READ, _WRITE = "cache_read_input_token_cost", "cache_creation_input_token_cost"
@@ -37,24 +31,8 @@ _THRESHOLD = re.compile(r"_above_(\d+)k_tokens")
 _SUFFIX = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{2}-\d{2}|\d{4}|0\d\d|latest|v\d+:\d+)$")
 # Provider names as upstreams are often called, where the table spells the prefix differently.
 _ALIAS = {"together": "together_ai", "fireworks": "fireworks_ai", "google": "gemini", "vertex": "vertex_ai"}
-_CUSTOM_KEYS = ("model", "upstream", "input", "cached_input", "cache_write", "output")
 _WARN_LIMIT = 1000  # distinct unknown model names warned about; names can come from clients
 _MEMO_LIMIT = 4096  # model names can come from clients; keep the memo from growing without bound
-_MAX_DOWNLOAD = 64 * 1024 * 1024
-MAX_RATE_PER_TOKEN = 1.0
-"""The largest price believed, in USD per token ($1M per million): about 100x the priciest rate in the
-table ($0.0097). A larger (or negative, or NaN) table rate is ignored as if the entry lacked it; a custom
-price above it is a config error. With counts held to MAX_TOKENS_PER_CALL, every cost is then finite."""
-
-
-def cache_path() -> Path:
-    """Where `prices update` keeps the refreshed table."""
-    if override := os.environ.get("METERING_PROXY_CACHE_DIR"):
-        return Path(override).expanduser() / "model_prices.json"
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "metering-proxy" / "model_prices.json"
-
 
 def _num(value: Any) -> float | None:
     """Return value as a finite float, or None for anything else (bools, strings, NaN)."""
@@ -87,54 +65,11 @@ class _Rates:
     output: float
 
 
-@dataclass(frozen=True, slots=True)
-class CustomPrice:
-    """A price from the YAML config, in USD per million tokens."""
-
-    model: str
-    upstream: str | None
-    input: float
-    cached_input: float | None
-    cache_write: float | None
-    output: float
-
-    def rates(self) -> _Rates:
-        """Per-token rates, unset cache prices taking the input price."""
-        read = self.input if self.cached_input is None else self.cached_input
-        write = self.input if self.cache_write is None else self.cache_write
-        return _Rates(self.input / 1e6, read / 1e6, write / 1e6, write / 1e6, self.output / 1e6)
-
-
-def parse_custom_prices(raw: object) -> tuple[CustomPrice, ...]:
-    """Validate the `prices.custom` config value; errors name the offending key."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ValueError("prices.custom: must be a list of mappings")
-    out: list[CustomPrice] = []
-    for i, item in enumerate(raw):
-        where = f"prices.custom[{i}]"
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: must be a mapping with keys {', '.join(_CUSTOM_KEYS)}")
-        for key in item:
-            if key not in _CUSTOM_KEYS:
-                raise ValueError(f"{where}.{key}: unknown key (allowed: {', '.join(_CUSTOM_KEYS)})")
-        model, upstream = item.get("model"), item.get("upstream")
-        if not isinstance(model, str) or not model.strip():
-            raise ValueError(f"{where}.model: required, a non-empty string (a glob such as 'llama*')")
-        if upstream is not None and (not isinstance(upstream, str) or not upstream.strip()):
-            raise ValueError(f"{where}.upstream: must be an upstream name (a non-empty string)")
-        rates: dict[str, float | None] = {}
-        for key in ("input", "cached_input", "cache_write", "output"):
-            rates[key] = number = _num(item.get(key))
-            optional_and_unset = key in ("cached_input", "cache_write") and item.get(key) is None
-            if not optional_and_unset and (number is None or not 0 <= number <= MAX_RATE_PER_TOKEN * 1e6):
-                raise ValueError(f"{where}.{key}: must be a number >= 0 and at most {MAX_RATE_PER_TOKEN * 1e6:.0f}"
-                                 " (USD per million tokens)")  # fmt: skip
-        scope = upstream.strip() if upstream else None
-        inp, read, write, outp = rates.values()
-        out.append(CustomPrice(model.strip(), scope, inp or 0.0, read, write, outp or 0.0))
-    return tuple(out)
+def _custom_rates(custom: CustomPrice) -> _Rates:
+    """Per-token rates of a custom price (USD per million), unset cache prices taking the input price."""
+    read = custom.input if custom.cached_input is None else custom.cached_input
+    write = custom.input if custom.cache_write is None else custom.cache_write
+    return _Rates(custom.input / 1e6, read / 1e6, write / 1e6, write / 1e6, custom.output / 1e6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +83,7 @@ class Cost:
     upstream_cost_usd: float | None
 
 
-def _priced(key: str, entry: Any) -> bool:
+def priced_entry(key: str, entry: Any) -> bool:
     """An entry is a model price when it has a per-token input or output price (sample_spec is docs)."""
     return (
         key != "sample_spec"
@@ -157,14 +92,14 @@ def _priced(key: str, entry: Any) -> bool:
     )
 
 
-def _check_table(data: Any) -> str | None:
+def check_table(data: Any) -> str | None:
     """Return why data is not a usable full price table, or None when it is."""
     if not isinstance(data, dict):
         return "not a JSON object"
     chat = sum(
         1
         for key, entry in data.items()
-        if _priced(key, entry) and entry.get("mode") == "chat" and _rate(entry.get(_IN)) is not None
+        if priced_entry(key, entry) and entry.get("mode") == "chat" and _rate(entry.get(_IN)) is not None
     )
     return None if chat > 100 else f"only {chat} priced chat models (need more than 100)"
 
@@ -179,7 +114,7 @@ def _read_table(path: Path) -> dict[str, Any]:
         raise ValueError(f"price table {path}: not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"price table {path}: not a JSON object keyed by model name")
-    if not any(_priced(key, entry) for key, entry in data.items()):
+    if not any(priced_entry(key, entry) for key, entry in data.items()):
         raise ValueError(f"price table {path}: no model with input_cost_per_token or output_cost_per_token")
     return data
 
@@ -192,7 +127,7 @@ class PriceBook:
     def __init__(self, table: dict[str, Any], source: str, custom: tuple[CustomPrice, ...] = ()) -> None:
         self.source = source
         # Lower-cased key -> (table key, entry), for case-insensitive matching in one dict lookup.
-        self._index = {key.lower(): (key, entry) for key, entry in table.items() if _priced(key, entry)}
+        self._index = {key.lower(): (key, entry) for key, entry in table.items() if priced_entry(key, entry)}
         self._custom = custom
         self._matches: dict[tuple[str, str | None], tuple[str, dict[str, Any]] | None] = {}
         self._rates_memo: dict[tuple[str, int, str], _Rates] = {}
@@ -205,7 +140,7 @@ class PriceBook:
         if path is not None:
             path = Path(path).expanduser()
             return cls(_read_table(path), str(path), custom)
-        cached = cache_path()
+        cached = price_cache_path()
         try:
             newer = cached.is_file() and cached.stat().st_mtime > BUNDLED_PRICES.stat().st_mtime
         except OSError:
@@ -213,7 +148,7 @@ class PriceBook:
         if newer:
             try:
                 data = _read_table(cached)
-                if (problem := _check_table(data)) is None:
+                if (problem := check_table(data)) is None:
                     return cls(data, str(cached), custom)
                 log.warning("ignoring refreshed price table %s: %s", cached, problem)
             except ValueError as exc:
@@ -315,7 +250,7 @@ class PriceBook:
         embedding = dialect == "embeddings"
         for name in (model, requested_model):
             if (custom := self._custom_for(name, upstream)) is not None:
-                rates, price_model, source = custom.rates(), f"custom:{custom.model}", "custom"
+                rates, price_model, source = _custom_rates(custom), f"custom:{custom.model}", "custom"
                 break
         else:
             for name in (model, requested_model):
@@ -342,57 +277,51 @@ class PriceBook:
             return Cost(upstream_cost, "upstream", price_model, breakdown, upstream_cost)
         return Cost(round(sum(parts.values()), 10), source, price_model, breakdown, None)
 
-    def lookup_text(self, model: str, upstream: str | None = None, provider: str | None = None) -> str:
-        """Explain, for `prices lookup`, which price applies to a model and at what rates."""
-        lines = [f"model {model!r}" + (f" (upstream {upstream})" if upstream else "")]
+    def explain(self, model: str, upstream: str | None = None, provider: str | None = None) -> Explanation:
+        """Which price applies to a model, and at what rates (for `prices lookup`)."""
         custom, hit = self._custom_for(model, upstream), self.match(model, provider=provider)
         if custom is not None:
-            r = custom.rates()
-            scope = f" for upstream {custom.upstream}" if custom.upstream else ""
-            lines.append(f"  custom price {custom.model!r}{scope} from prices.custom, USD per 1M tokens:")
-            lines.append(
-                f"    input {_pm(r.input)}, cached input {_pm(r.cached_input)}, "
-                f"cache write {_pm(r.cache_write)}, output {_pm(r.output)}"
-            )
-            if hit is not None:
-                lines.append(f"  (beats table key {hit[0]!r} from {self.source})")
-            return "\n".join(lines)
+            return Explanation(model, upstream, self.source, custom, _custom_rates(custom), hit and hit[0])
         if hit is None:
-            hint = f"'{_ALIAS.get(provider.lower(), provider.lower())}/' prefix, " if provider else ""
-            lines.append(
-                f"  no price: not in {self.source} (tried the exact name, {hint}provider prefix removed, "
-                "dated/versioned suffix removed) and no prices.custom glob matches; cost_usd stays null"
-            )
             close = difflib.get_close_matches(model.lower(), list(self._index), n=5, cutoff=0.6)
-            shown = ", ".join(self._index[c][0] for c in close)
-            lines.append(f"  close table keys: {shown}" if close else "  no close table keys")
-            return "\n".join(lines)
+            tried = _ALIAS.get(provider.lower(), provider.lower()) if provider else None
+            return Explanation(model, upstream, self.source, close=tuple(self._index[c][0] for c in close),
+                               tried_prefix=tried)  # fmt: skip
         key, entry = hit
-        r = self._rates(key, entry, 0, None)
-        provider_name, mode = entry.get("litellm_provider", "?"), entry.get("mode", "?")
-        lines.append(f"  table key {key!r} (provider {provider_name}, mode {mode}) from {self.source}")
-        lines.append("  USD per 1M tokens:")
-        for label, base, value in (
-            ("input", _IN, r.input),
-            ("cached input", _READ, r.cached_input),
-            ("cache write", _WRITE, r.cache_write),
-            ("cache write 1h", _WRITE_1H, r.cache_write_1h),
-            ("output", _OUT, r.output),
-        ):
-            note = "" if _rate(entry.get(base)) is not None else " (not in table; falls back)"
-            lines.append(f"    {label:<15}{_pm(value)}{note}")
-        tiers = sorted(
-            f for f in entry if f not in _BASES and f.startswith(_BASES) and _rate(entry[f]) is not None
-        )
-        if tiers:
-            lines.append("  tiers (long context, service tier), USD per 1M tokens:")
-            lines.extend(f"    {f}: {_pm(_rate(entry[f]) or 0.0)}" for f in tiers)
-        return "\n".join(lines)
+        tiers = tuple(sorted(
+            (f, _rate(entry[f]) or 0.0) for f in entry
+            if f not in _BASES and f.startswith(_BASES) and _rate(entry[f]) is not None
+        ))  # fmt: skip
+        return Explanation(
+            model, upstream, self.source, rates=self._rates(key, entry, 0, None), table_key=key,
+            table_provider=str(entry.get("litellm_provider", "?")), mode=str(entry.get("mode", "?")),
+            in_table=frozenset(b for b in _BASES if _rate(entry.get(b)) is not None), tiers=tiers,
+        )  # fmt: skip
 
 
-def _pm(rate: float) -> str:
-    """Format a per-token rate as USD per million tokens."""
-    return f"${rate * 1e6:.6g}"
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What PriceBook.explain found: a custom price, a table entry, or neither (with close table keys)."""
+
+    model: str
+    upstream: str | None
+    source: str
+    custom: CustomPrice | None = None
+    rates: _Rates | None = None
+    table_key: str | None = None
+    """The table key priced with; for a custom price, the key it beats (None if none)."""
+    table_provider: str | None = None
+    mode: str | None = None
+    in_table: frozenset[str] = frozenset()
+    """Base rate fields the entry has (the others fall back)."""
+    tiers: tuple[tuple[str, float], ...] = ()
+    """Long-context and service-tier rate fields, per token."""
+    close: tuple[str, ...] = ()
+    tried_prefix: str | None = None
+
+    @property
+    def priced(self) -> bool:
+        return self.rates is not None
 
 
 def _breakdown(usage: Usage, rates: _Rates, embedding: bool) -> dict[str, float]:
@@ -415,48 +344,3 @@ def _breakdown(usage: Usage, rates: _Rates, embedding: bool) -> dict[str, float]
         "cache_write": (writes - writes_1h) * rates.cache_write + writes_1h * rates.cache_write_1h,
         "output": _tokens(usage.output_tokens) * rates.output,
     }
-
-
-def update_prices(
-    url: str = DEFAULT_PRICES_URL, dest: Path | None = None, timeout: float = 60.0
-) -> tuple[bool, str]:
-    """Download, validate and atomically install a fresh price table; a failure keeps the old one."""
-    dest = Path(dest) if dest is not None else cache_path()
-    kept = f"kept {dest}" if dest.exists() else "kept the bundled table"
-
-    def fail(reason: str) -> tuple[bool, str]:
-        return False, f"price update from {url} failed: {reason}; {kept}"
-
-    request = urllib.request.Request(url, headers={"User-Agent": "metering-proxy"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read(_MAX_DOWNLOAD + 1)
-    except urllib.error.HTTPError as exc:
-        return fail(f"HTTP {exc.code} {exc.reason}")
-    except urllib.error.URLError as exc:
-        return fail(f"cannot fetch: {exc.reason}")
-    except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
-        return fail(f"cannot fetch: {exc}")
-    if len(body) > _MAX_DOWNLOAD:
-        return fail(f"response larger than {_MAX_DOWNLOAD >> 20} MB")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return fail(f"not valid JSON ({exc})")
-    if (problem := _check_table(data)) is not None:
-        return fail(problem)
-    tmp_name: str | None = None
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".model_prices.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(body)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, dest)  # readers see the old file or the new one, never half of it
-    except OSError as exc:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-        return fail(f"cannot write {dest}: {exc.strerror or exc}")
-    priced = sum(1 for key, entry in data.items() if _priced(key, entry))
-    return True, f"updated {dest}: {len(data)} entries, {priced} with token prices (from {url})"

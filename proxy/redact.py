@@ -8,7 +8,6 @@ token, ``base_url`` passwords, and for each call the credentials the client sent
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -85,22 +84,19 @@ def credentials(headers: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def from_config(cfg: Config) -> Secrets:
-    """Every secret the configuration names (resolved from the environment)."""
-    from proxy import access
-
+    """Every secret the configuration names (the environment's resolved by config.resolve_env)."""
     values: list[str] = []
     for up in cfg.upstreams:
-        if up.api_key_env and os.environ.get(up.api_key_env):
-            values.append(os.environ[up.api_key_env])
+        if up.api_key:
+            values.append(up.api_key)
         values.extend(v for _, v in up.headers)
         url = URL(up.base_url)
         if url.password:
             values.append(url.password)
             values.append(url.raw_password or "")
-    values.extend(access.proxy_keys(cfg.access))
-    token = access.admin_token(cfg.access)
-    if token:
-        values.append(token)
+    values.extend(cfg.access.proxy_keys)
+    if cfg.access.admin_token:
+        values.append(cfg.access.admin_token)
     return Secrets(values)
 
 

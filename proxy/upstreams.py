@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
@@ -20,7 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import providers, routes
-from proxy.config import Config, Upstream
+from proxy.tracecontext import TraceContext
+from proxy.config import Config, ConfigError, Upstream
 
 log = logging.getLogger("metering_proxy")
 
@@ -77,11 +77,14 @@ class Upstreams:
         self._learned: dict[str, str] = {}
         """Providers told by an upstream's answers (its URL said nothing): they hold for all its endpoints."""
         # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
+        unresolved = [u.name for u in cfg.upstreams if u.api_key_env and u.api_key is None]
+        if unresolved:  # a Config built by hand: sending no key would look like the upstream's auth failing
+            raise ConfigError(f"config: upstream {unresolved[0]}: api_key_env not read (config.resolve_env)")
         self._auth = {
-            u.name: (("x-api-key", os.environ[u.api_key_env]) if self._by_url[u.name] == "anthropic"
-                     else ("Authorization", f"Bearer {os.environ[u.api_key_env]}"))
+            u.name: (("x-api-key", u.api_key) if self._by_url[u.name] == "anthropic"
+                     else ("Authorization", f"Bearer {u.api_key}"))
             for u in cfg.upstreams
-            if u.api_key_env
+            if u.api_key is not None
         }  # fmt: skip
         self._no_stream_options = {u.name for u in cfg.upstreams if self._by_url[u.name] in _NO_STREAM_OPTIONS}
         """Upstreams that answer a request carrying stream_options with an error (configured or learned)."""
@@ -127,9 +130,14 @@ class Upstreams:
                 self._urls[key] = url
         return URL(f"{url}?{raw_query}", encoded=True) if raw_query else url
 
-    def request_headers(self, headers: CIMultiDictProxy[str], upstream: Upstream,
-                        consumed: AbstractSet[str]) -> CIMultiDict[str]:  # fmt: skip
-        """The headers sent upstream: the client's, less hop-by-hop and the proxy's own, plus auth."""
+    def request_headers(self, headers: CIMultiDictProxy[str], upstream: Upstream, consumed: AbstractSet[str],
+                        trace: TraceContext | None = None) -> CIMultiDict[str]:  # fmt: skip
+        """The headers sent upstream: the client's, less hop-by-hop and the proxy's own, plus auth.
+
+        trace: the call's span when the proxy traces (OTel on): its traceparent replaces the client's, so an
+        upstream that traces (vLLM) joins the trace as the proxy's child. Without one (OTel off, or a
+        pass-through path) the client's traceparent and tracestate go on unchanged.
+        """
         out: CIMultiDict[str] = CIMultiDict()
         # RFC 9110 7.6.1: headers the client names in Connection are hop-by-hop too; drop them.
         named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
@@ -146,7 +154,18 @@ class Upstreams:
             out[auth[0]] = auth[1]
         for key, value in upstream.headers:
             out[key] = value
+        if trace is not None and trace.span_id is not None:
+            out.popall("traceparent", None)
+            out.popall("tracestate", None)  # a new trace (no valid parent) drops it too, as the spec says
+            out["traceparent"] = trace.traceparent()
+            if trace.tracestate:
+                out["tracestate"] = trace.tracestate
         return out
+
+    def address(self, upstream: Upstream) -> tuple[str | None, int | None]:
+        """server.address and server.port of an upstream, from its base URL."""
+        base = self._bases[upstream.name]
+        return base.host, base.port
 
 
 def client_headers(headers: Mapping[str, str], mask: Callable[[str, tuple[str, ...]], str],

@@ -20,6 +20,10 @@ or an attack, and believing it would price one call at up to $1M (at the table's
 MAX_UPSTREAM_COST_USD = 10_000.0
 """The largest charge believed from an upstream for one call (OpenRouter ``usage.cost``). A full context
 window plus full output of the priciest model in the price table costs about $200; this is 50x that."""
+MAX_RATE_PER_TOKEN = 1.0
+"""The largest price believed, in USD per token ($1M per million): about 100x the priciest rate in the
+table ($0.0097). A larger (or negative, or NaN) table rate is ignored as if the entry lacked it; a custom
+price above it is a config error. With counts held to MAX_TOKENS_PER_CALL, every cost is then finite."""
 USAGE_RAW_MAX_BYTES = 8 * 1024
 """A record's ``usage_raw`` at most this many bytes of JSON (real usage blocks are well under 1 KiB)."""
 USAGE_RAW_MAX_STRING = 256

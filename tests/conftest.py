@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.app import SINK, make_app
-from proxy.config import Config, Timeouts, Upstream
+from proxy.config import Config, Timeouts, Upstream, resolve_env
 from proxy.records import Record
 
 PAYLOADS = Path(__file__).parent / "payloads"
@@ -454,7 +454,7 @@ async def make_proxy(tmp_path: Path, fake_upstream: FakeUpstream) -> Any:
             flush_interval_s=0.05,
         )
         pricebook = overrides.pop("pricebook", None)
-        cfg = replace(cfg, **overrides)
+        cfg = resolve_env(replace(cfg, **overrides))
         server = TestServer(track_handlers(make_app(cfg, pricebook)), host="127.0.0.1", handler_cancellation=True)
         await server.start_server()
         servers.append(server)

@@ -15,7 +15,7 @@ import pytest
 from proxy import access as A
 from proxy.app import make_app
 from proxy.cli import main
-from proxy.config import Access, BudgetRule, Budgets, Config, ConfigError, Upstream
+from proxy.config import Access, BudgetRule, Budgets, Config, ConfigError, Upstream, resolve_env
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from tests.conftest import FakeUpstream, Messages, ProxyFactory, ProxyUnderTest, make_client
 
@@ -137,14 +137,19 @@ async def test_key_in_authorization_with_injected_upstream_key(
 
 def test_keys_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MP_TEST_KEYS", "a1, b2,,c3 ")
-    assert A.proxy_keys(Access(proxy_keys=("k0",), proxy_keys_env="MP_TEST_KEYS")) == ("k0", "a1", "b2", "c3")
+    def resolved(access: Access) -> Access:
+        return resolve_env(Config(access=access)).access
+
+    keys = resolved(Access(proxy_keys=("k0",), proxy_keys_env="MP_TEST_KEYS"))
+    assert keys.proxy_keys == ("k0", "a1", "b2", "c3") and resolved(keys) == keys  # idempotent
     monkeypatch.delenv("MP_TEST_KEYS")
     with pytest.raises(
         ConfigError, match="access.proxy_keys_env: environment variable MP_TEST_KEYS is not set"
     ):
-        A.proxy_keys(Access(proxy_keys_env="MP_TEST_KEYS"))
+        resolved(Access(proxy_keys_env="MP_TEST_KEYS"))
     monkeypatch.setenv("MP_TEST_ADMIN", "tok")
-    assert A.admin_token(Access(admin_token_env="MP_TEST_ADMIN")) == "tok"
+    assert resolved(Access(admin_token_env="MP_TEST_ADMIN")).admin_token == "tok"
+    assert resolved(Access(admin_token="own", admin_token_env="MP_TEST_ADMIN")).admin_token == "own"
 
 
 # -- admin token on /runs, /ui, /metrics -----------------------------------------------------------

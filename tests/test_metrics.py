@@ -13,9 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from proxy.app import METRICS
+from proxy.config import custom_prices as parse_custom_prices
 from proxy.errors import Category
 from proxy.metrics import _CACHE_MAX, MAX_LABEL_LEN, Metrics
-from proxy.pricing import BUNDLED_PRICES, PriceBook, parse_custom_prices
+from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import ErrorInfo, JsonlSink
 from tests.conftest import Messages, ProxyFactory, ProxyUnderTest, make_client, make_record
 

@@ -17,16 +17,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.pricing import (
-    BUNDLED_PRICES,
-    DEFAULT_PRICES_URL,
-    Cost,
-    CustomPrice,
-    PriceBook,
-    cache_path,
-    parse_custom_prices,
-    update_prices,
-)
+from proxy.config import ConfigError, CustomPrice
+from proxy.config import custom_prices as parse_custom_prices
+from proxy.config import price_cache_path as cache_path
+from proxy.prices_cmd import DEFAULT_PRICES_URL, lookup_text, update_prices
+from proxy.pricing import BUNDLED_PRICES, Cost, PriceBook
 from proxy.usage import MAX_TOKENS_PER_CALL, Usage, from_anthropic, from_openai
 from tests.conftest import make_client
 
@@ -464,13 +459,13 @@ def test_parse_custom_prices_ok() -> None:
     ],
 )
 def test_parse_custom_prices_errors(raw: object, message: str) -> None:
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(ConfigError) as excinfo:
         parse_custom_prices(raw)
-    assert str(excinfo.value).startswith(message)
+    assert str(excinfo.value).startswith(f"config: {message}")
 
 
 def test_lookup_text(book: PriceBook) -> None:
-    text = book.lookup_text("claude-sonnet-4-5-20991231")
+    text = lookup_text(book, "claude-sonnet-4-5-20991231")
     assert "'claude-sonnet-4-5'" in text
     for line in (
         "input          $3",
@@ -481,12 +476,12 @@ def test_lookup_text(book: PriceBook) -> None:
     ):
         assert line in text
     assert "input_cost_per_token_batches: $1.5" in text
-    gemini = book.lookup_text("gemini-2.5-pro", provider="gemini")
+    gemini = lookup_text(book, "gemini-2.5-pro", provider="gemini")
     assert "input_cost_per_token_above_200k_tokens: $2.5" in gemini
-    missing = book.lookup_text("gpt-4o-minix")
+    missing = lookup_text(book, "gpt-4o-minix")
     assert "no price" in missing and "gpt-4o-mini" in missing.split("close table keys:")[1]
     custom_book = PriceBook.load(BUNDLED_PRICES, custom=parse_custom_prices(CUSTOM))
-    scoped = custom_book.lookup_text("gpt-4o", upstream="azure")
+    scoped = lookup_text(custom_book, "gpt-4o", upstream="azure")
     assert "custom price 'gpt-4o' for upstream azure" in scoped and "cached input $0.5" in scoped
     assert "beats table key 'gpt-4o'" in scoped
 
@@ -760,9 +755,9 @@ def test_price_table_rates_out_of_range_are_ignored() -> None:
 
 
 def test_custom_price_above_the_rate_bound_is_a_config_error() -> None:
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(ConfigError) as excinfo:
         parse_custom_prices([{"model": "a", "input": 1e300, "output": 1}])
     assert str(excinfo.value) == (
-        "prices.custom[0].input: must be a number >= 0 and at most 1000000 (USD per million tokens)"
+        "config: prices.custom[0].input: must be a number >= 0 and at most 1000000 (USD per million tokens)"
     )
     assert parse_custom_prices([{"model": "a", "input": 1e6, "output": 0}])[0].input == 1e6

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import routes
 from proxy.app import make_app
-from proxy.config import Config, Timeouts, Upstream
+from proxy.config import Config, Timeouts, Upstream, resolve_env
 from tests.conftest import settle, track_handlers
 
 CHAT_OK = {
@@ -301,7 +301,7 @@ async def test_upstream_redirects_are_not_followed(tmp_path: Path, status: int, 
                             api_key_env="ROUTES_TEST_KEY", headers=(("api-key", "azure-secret"),)),),  # fmt: skip
         flush_interval_s=0.05,
     )
-    proxy = TestServer(track_handlers(make_app(cfg)), host="127.0.0.1")
+    proxy = TestServer(track_handlers(make_app(resolve_env(cfg))), host="127.0.0.1")
     await proxy.start_server()
     try:
         h = Harness(proxy, AnyPathUpstream(), cfg.runs_dir)

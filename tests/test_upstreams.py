@@ -6,7 +6,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import routes
-from proxy.config import Config, Upstream
+from proxy.config import Config, Upstream, resolve_env
 from proxy.upstreams import Router, Upstreams, client_headers, shown_url
 
 
@@ -42,7 +42,7 @@ def test_request_headers_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     openai_up = Upstream(name="o", base_url="https://api.openai.com/v1", api_key_env="UP_KEY",
                          headers=(("OpenAI-Organization", "org-1"),))  # fmt: skip
     anthropic_up = Upstream(name="a", base_url="https://api.anthropic.com/v1", api_key_env="UP_KEY")
-    ups = Upstreams(Config(upstreams=(openai_up, anthropic_up)))
+    ups = Upstreams(resolve_env(Config(upstreams=(openai_up, anthropic_up))))
     sent = CIMultiDictProxy(CIMultiDict({
         "Authorization": "Bearer sk-client", "x-api-key": "client", "Connection": "keep-alive, X-Secret-Hop",
         "X-Secret-Hop": "1", "Keep-Alive": "timeout=5", "X-Run-Id": "r", "X-Meter-Tag-A": "b",
