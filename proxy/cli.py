@@ -201,7 +201,9 @@ def _start_line(cfg: config_mod.Config, workers: int) -> str:
     )
 
 
-def _run_worker(cfg: config_mod.Config, pricebook: PriceBook, sock: socket.socket) -> None:
+def _run_worker(
+    cfg: config_mod.Config, pricebook: PriceBook, sock: socket.socket, multiprocess_dir: Path | None = None
+) -> None:
     from aiohttp import web
 
     from proxy.app import make_app
@@ -209,7 +211,7 @@ def _run_worker(cfg: config_mod.Config, pricebook: PriceBook, sock: socket.socke
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    app = make_app(cfg, pricebook)
+    app = make_app(cfg, pricebook, multiprocess_dir=multiprocess_dir)
     app.on_shutdown.append(_hold_further_signals)
     web.run_app(
         app,
@@ -272,8 +274,27 @@ def _use_event_loop(choice: str) -> None:
 
 
 def _supervise(cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socket.socket) -> int:
-    """Fork n workers serving the one listening socket; pass SIGINT/SIGTERM on to them once; wait for all."""
+    """Fork n workers serving the one listening socket; pass SIGINT/SIGTERM on to them once; wait for all.
+
+    The workers' metrics meet in a private directory made here, empty, before the fork (prometheus_client's
+    multiprocess files); it goes when the supervisor exits (a SIGKILLed supervisor leaves it in the temp dir).
+    """
+    import shutil
+    import tempfile
+
+    metrics_dir = Path(tempfile.mkdtemp(prefix="metering-proxy-metrics-"))
+    try:
+        return _fork_workers(cfg, pricebook, n, sock, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _fork_workers(
+    cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socket.socket, metrics_dir: Path
+) -> int:
     import signal
+
+    from prometheus_client.multiprocess import mark_process_dead
 
     children: list[int] = []
     supervisor = os.getpid()
@@ -286,7 +307,7 @@ def _supervise(cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socke
                 os._exit(0)
             code = 0
             try:
-                _run_worker(cfg, pricebook, sock)
+                _run_worker(cfg, pricebook, sock, metrics_dir)
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
                 logging.getLogger("metering_proxy").exception("worker crashed")
                 code = 1
@@ -306,8 +327,13 @@ def _supervise(cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socke
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for child in children:
-        _, raw = os.waitpid(child, 0)
+    left = set(children)
+    while left:  # in the order they end, so that each one's live gauges go as soon as it is gone
+        child, raw = os.wait()
+        if child not in left:
+            continue
+        left.discard(child)
+        mark_process_dead(child, str(metrics_dir))  # its pending/healthy gauges; its counters stay counted
         status = status or os.waitstatus_to_exitcode(raw)
     return 0 if status == 0 else 1
 
@@ -327,5 +353,6 @@ def _prices(args: argparse.Namespace) -> int:
             from proxy import providers
 
             provider = u.provider or providers.from_url(u.base_url)
-    print(prices_cmd.lookup_text(book, args.model, upstream=args.upstream, provider=provider))
-    return 0
+    found = book.explain(args.model, upstream=args.upstream, provider=provider)
+    print(prices_cmd.explanation_text(found))
+    return 0 if found.priced else 1  # scripts can tell "unpriced" from a price

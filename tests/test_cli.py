@@ -233,3 +233,8 @@ def test_prices_lookup(capsys: object) -> None:
     assert main(["prices", "lookup", "gpt-4o-2024-08-06"]) == 0
     out = capsys.readouterr().out  # type: ignore[attr-defined]
     assert "gpt-4o" in out and "2.5" in out
+
+
+def test_prices_lookup_of_an_unpriced_model_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prices", "lookup", "house-model-without-a-price-7"]) == 1
+    assert "no price" in capsys.readouterr().out
