@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON (schema metering-proxy.report/1)")
     fmt.add_argument("--csv", action="store_true", help="CSV: one row per run and per group")
     rep.add_argument("--html", metavar="FILE", help="also write the run view as one standalone HTML file")
+    rep.add_argument("--db", metavar="URL",
+                     help="read the runs from this PostgreSQL calls table (the fleet's records) instead of files")
+    rep.add_argument("--config", type=Path,
+                     help="YAML config file: with --db omitted, its ship.postgres database is read if it has one")
     return parser
 
 
@@ -202,7 +206,8 @@ def _start_line(cfg: config_mod.Config, workers: int) -> str:
 
 
 def _run_worker(
-    cfg: config_mod.Config, pricebook: PriceBook, sock: socket.socket, multiprocess_dir: Path | None = None
+    cfg: config_mod.Config, pricebook: PriceBook, sock: socket.socket, multiprocess_dir: Path | None = None,
+    shared_budgets: Path | None = None,
 ) -> None:
     from aiohttp import web
 
@@ -211,7 +216,7 @@ def _run_worker(
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    app = make_app(cfg, pricebook, multiprocess_dir=multiprocess_dir)
+    app = make_app(cfg, pricebook, multiprocess_dir=multiprocess_dir, shared_budgets=shared_budgets)
     app.on_shutdown.append(_hold_further_signals)
     web.run_app(
         app,
@@ -284,13 +289,25 @@ def _supervise(cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socke
 
     metrics_dir = Path(tempfile.mkdtemp(prefix="metering-proxy-metrics-"))
     try:
-        return _fork_workers(cfg, pricebook, n, sock, metrics_dir)
+        return _fork_workers(cfg, pricebook, n, sock, metrics_dir, _shared_budgets(cfg))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _shared_budgets(cfg: config_mod.Config) -> Path | None:
+    """The SQLite file the workers keep budgets in, made afresh here: when budgets are set and no Redis is."""
+    if not cfg.budgets.configured or cfg.budgets.store.url is not None:
+        return None
+    from proxy.budget_store import SQLITE_NAME, SqliteStore
+
+    path = cfg.runs_dir / SQLITE_NAME
+    SqliteStore.create(path)
+    return path
+
+
 def _fork_workers(
-    cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socket.socket, metrics_dir: Path
+    cfg: config_mod.Config, pricebook: PriceBook, n: int, sock: socket.socket, metrics_dir: Path,
+    shared_budgets: Path | None = None,
 ) -> int:
     import signal
 
@@ -307,7 +324,7 @@ def _fork_workers(
                 os._exit(0)
             code = 0
             try:
-                _run_worker(cfg, pricebook, sock, metrics_dir)
+                _run_worker(cfg, pricebook, sock, metrics_dir, shared_budgets)
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
                 logging.getLogger("metering_proxy").exception("worker crashed")
                 code = 1

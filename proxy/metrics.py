@@ -4,24 +4,33 @@ Every app has its own ``CollectorRegistry`` (never the global one), so several a
 as in the tests, never share or clash over series. The observer runs on the hot path once per
 record: it looks up the labelled children for the record's label tuple in a small cache and only
 increments and observes them.
+
+With ``serve --workers N`` every worker's values live in prometheus_client's multiprocess files (one
+mmap file per worker and metric type in a directory the supervisor made), and a scrape of any worker
+merges them all: the host's totals, whichever worker answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -111,12 +120,69 @@ class SinkCollector:
                                 1 if sink.healthy else 0)  # fmt: skip
 
 
-class Metrics:
-    """One app's registry, its metrics, the record observer and the /metrics handler."""
+class SinkMirror:
+    """A worker's sink figures copied into the host's metric files, labelled by pid (at each flush and scrape).
 
-    def __init__(self, sink: JsonlSink, max_models: int = MAX_MODELS) -> None:
+    The sink counts in plain attributes that only its own process can read; a scrape answered by another
+    worker sees them only through the files. Each worker has its own pid series: summed, they are the host's.
+    """
+
+    def __init__(self, sink: JsonlSink) -> None:
+        self.sink = sink
+        pid = str(os.getpid())
+        self.written = Counter("metering_proxy_records_written", "Records appended to run files.", ("pid",),
+                               registry=None).labels(pid)  # fmt: skip
+        self.dropped = Counter("metering_proxy_records_dropped",
+                               "Records dropped because the runs dir stayed unwritable.", ("pid",),
+                               registry=None).labels(pid)  # fmt: skip
+        # liveall: prometheus_client adds the pid label, and a dead worker's gauges leave with it.
+        self.pending = Gauge("metering_proxy_records_pending", "Records queued, not yet written.", registry=None,
+                             multiprocess_mode="liveall")  # fmt: skip
+        self.healthy = Gauge("metering_proxy_sink_healthy", "1 while records can be written, else 0.",
+                             registry=None, multiprocess_mode="liveall")  # fmt: skip
+        self._written = self._dropped = 0
+        self.update()
+
+    def update(self) -> None:
+        """Copy the sink's figures now (a few mmap writes: run once per flush interval, not per record)."""
+        sink = self.sink
+        if sink.written != self._written:
+            self.written.inc(sink.written - self._written)
+            self._written = sink.written
+        if sink.dropped != self._dropped:
+            self.dropped.inc(sink.dropped - self._dropped)
+            self._dropped = sink.dropped
+        self.pending.set(sink.pending)
+        self.healthy.set(1 if sink.healthy else 0)
+
+
+def use_multiprocess(directory: Path) -> None:
+    """Back every metric value this process creates from now on with mmap files in directory.
+
+    prometheus_client picks its value class once, at import, from PROMETHEUS_MULTIPROC_DIR. A worker sets
+    both itself, after the fork and before its first metric, so nothing hangs on who imported it first;
+    the variable stays set because each new value reads it to name its file.
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+
+
+class Metrics:
+    """One app's registry, its metrics, the record observer and the /metrics handler.
+
+    multiprocess_dir (each worker of ``serve --workers N``): the values go to the host's shared files,
+    and the registry serves their merge; the metrics themselves are in no registry, so that this
+    worker's own values are not counted twice.
+    """
+
+    def __init__(self, sink: JsonlSink, max_models: int = MAX_MODELS, multiprocess_dir: Path | None = None) -> None:
         self.max_models = max_models
-        self.registry = reg = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self.mirror: SinkMirror | None = None
+        if multiprocess_dir is not None:
+            use_multiprocess(multiprocess_dir)
+            MultiProcessCollector(self.registry, path=str(multiprocess_dir))
+        reg = self.registry if multiprocess_dir is None else None
         self.requests = Counter(
             "metering_proxy_requests", "Metered calls, by outcome.",
             (*BASE_LABELS, "endpoint", "status", "error_type"), registry=reg,
@@ -146,10 +212,16 @@ class Metrics:
             "gen_ai_server_time_per_output_token_seconds", "Streams: (duration - TTFT) / output tokens.",
             BASE_LABELS, buckets=TPOT_BUCKETS, registry=reg,
         )  # fmt: skip
-        ProcessCollector(registry=reg)
-        PlatformCollector(registry=reg)
-        GCCollector(registry=reg)
-        reg.register(SinkCollector(sink))
+        PlatformCollector(registry=self.registry)  # python_info: the same in every worker
+        if reg is not None:
+            ProcessCollector(registry=reg)
+            GCCollector(registry=reg)
+            reg.register(SinkCollector(sink))
+        else:
+            # One process's CPU, memory and GC figures, served by whichever worker answers, would jump
+            # between workers from scrape to scrape: left out, not mislabelled as the host's.
+            self.mirror = SinkMirror(sink)
+            sink.on_flush.append(self.mirror.update)
         self._models: set[str] = set()
         self._cache: dict[tuple[object, ...], _Series] = {}
 
@@ -224,5 +296,7 @@ class Metrics:
 
     async def handle(self, request: web.Request) -> web.Response:
         """Serve the registry in Prometheus text format (rendered off the event loop)."""
+        if self.mirror is not None:
+            self.mirror.update()  # this worker's sink figures as of now, not of its last flush
         body = await asyncio.to_thread(generate_latest, self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

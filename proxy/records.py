@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -221,6 +222,9 @@ class JsonlSink:
         self._dir_fd: int | None = None
         # Written from the flusher's worker thread, read on the loop: single set operations, atomic under the GIL.
         self._blocked: set[str] = set()
+        #: Called on the loop after every flush, written or idle: what follows the shared files (other workers'
+        #: records in live events, the host's metrics) looks at once instead of at its next poll.
+        self.on_flush: list[Callable[[], None]] = []
 
     @property
     def pending(self) -> int:
@@ -341,6 +345,8 @@ class JsonlSink:
         """
         async with self._flush_lock:
             await self._flush()
+        for listener in self.on_flush:
+            listener()
 
     async def _flush(self) -> None:
         if not self._pending:

@@ -2,6 +2,8 @@
 
 Files are read in worker threads, never on the event loop. Live events come from a Forwarder observer
 that hands each record to the subscribers of its run: one dict lookup per call while nobody watches.
+A worker of ``serve --workers N`` follows the run files instead (FollowingHub), since its observer
+sees only the calls it serves itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import errors, report, ui
+from proxy import errors, report, tail, ui
 from proxy.config import RUN_ID_RE
 from proxy.records import Record, UnsafeRunFile
 
@@ -26,6 +28,8 @@ QUEUE_SIZE = 1024
 """Records an events subscriber may lag behind before it is dropped (memory stays bounded)."""
 MAX_SUBSCRIBERS = 100
 KEEPALIVE_S = 15.0
+POLL_S = 0.05
+"""How often a worker looks at the run files it follows for the other workers' records."""
 BATCH_LINES = 2000
 SUMMARY_CACHE = 4
 """Run summaries kept (with their per-call samples) so a refresh reads only the new lines."""
@@ -50,11 +54,13 @@ class TooManySubscribers(errors.ProxyError):
 class Subscriber:
     """One events stream: a bounded queue of SSE frames; None in the queue ends the stream."""
 
-    __slots__ = ("queue", "end_reason")
+    __slots__ = ("queue", "end_reason", "start")
 
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_SIZE)
         self.end_reason: str | None = None
+        self.start = start
+        """Followed files: the offset the run file had when the stream began (earlier lines are not sent)."""
 
     def end(self, reason: str) -> None:
         """Make the stream finish: what is queued is discarded, the end marker goes in."""
@@ -72,12 +78,34 @@ class EventHub:
         self.count = 0
         self.dropped = 0
 
-    def subscribe(self, run_id: str) -> Subscriber:
+    def subscribe(self, run_id: str, start: int = 0) -> Subscriber:
         """Return a new subscriber to a run's records."""
-        sub = Subscriber()
+        sub = Subscriber(start)
         self._subs.setdefault(run_id, set()).add(sub)
         self.count += 1
         return sub
+
+    async def join(self, run_id: str, path: Path) -> Subscriber:
+        """Subscribe an events stream to the run whose file is path."""
+        return self.subscribe(run_id)
+
+    def wake(self) -> None:
+        """Nothing to wake: records arrive through observe()."""
+
+    async def stop(self) -> None:
+        """Nothing runs in the background here."""
+
+    def _send(self, run_id: str | None, subs: set[Subscriber], frame: bytes, offset: int = 0) -> None:
+        for sub in list(subs):
+            if offset < sub.start:
+                continue
+            try:
+                sub.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                # A reader this far behind would make us hold an unbounded backlog: cut it loose.
+                self.dropped += 1
+                self.unsubscribe(run_id, sub)
+                sub.end("too_slow")
 
     def unsubscribe(self, run_id: str | None, sub: Subscriber) -> None:
         """Forget a subscriber (idempotent)."""
@@ -94,14 +122,7 @@ class EventHub:
         if not subs:
             return
         frame = b"event: record\ndata: " + record.to_json() + b"\n"  # the line ends in its own newline
-        for sub in list(subs):
-            try:
-                sub.queue.put_nowait(frame)
-            except asyncio.QueueFull:
-                # A reader this far behind would make us hold an unbounded backlog: cut it loose.
-                self.dropped += 1
-                self.unsubscribe(record.run_id, sub)
-                sub.end("too_slow")
+        self._send(record.run_id, subs, frame)
 
     def close_all(self, reason: str) -> None:
         """End every stream (the proxy is shutting down)."""
@@ -109,6 +130,82 @@ class EventHub:
             for sub in list(subs):
                 self.unsubscribe(run_id, sub)
                 sub.end(reason)
+
+
+class FollowingHub(EventHub):
+    """The hub of one of several workers: streams are fed from the run files, so they carry every
+    worker's records, each once, in file order.
+
+    One Tail per run with subscribers, read in one worker thread per look: woken by this worker's own
+    flushes (sink.on_flush) and every POLL_S for the others'. observe() does nothing: the file brings
+    this worker's records too, and sending them twice is what following the file avoids.
+    """
+
+    def __init__(self, poll_s: float = POLL_S) -> None:
+        super().__init__()
+        self.poll_s = poll_s
+        self._tails: dict[str, tail.Tail] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def observe(self, record: Record) -> None:
+        """Nothing to do: records reach the streams through the run file."""
+
+    def wake(self) -> None:
+        """Look at the followed files now (a flush just wrote some)."""
+        self._wake.set()
+
+    async def join(self, run_id: str, path: Path) -> Subscriber:
+        """Subscribe from the file's current end on; FileNotFoundError when it went away meanwhile."""
+        start = await asyncio.to_thread(tail.size, path)
+        sub = self.subscribe(run_id, start)
+        if run_id not in self._tails:
+            self._tails[run_id] = tail.Tail(path, start)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._follow(), name="runs-follow")
+        return sub
+
+    @staticmethod
+    def _read(tails: list[tuple[str, tail.Tail]]) -> list[tuple[str, list[tuple[int, bytes]], bool]]:
+        out = []
+        for run_id, t in tails:
+            try:
+                lines = [(at, line) for at, line in t.read() if tail.is_record(line)]
+            except OSError as exc:
+                log.warning("runs: cannot follow %s: %s", t.path, exc.strerror or exc)
+                lines = []
+            out.append((run_id, lines, t.more))
+        return out
+
+    async def _follow(self) -> None:
+        while self._tails and not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            batches = await asyncio.to_thread(self._read, list(self._tails.items()))
+            for run_id, lines, more in batches:
+                subs = self._subs.get(run_id)
+                for at, line in lines:
+                    if subs:
+                        self._send(run_id, subs, b"event: record\ndata: " + line + b"\n", at)
+                if more:
+                    self._wake.set()
+            # Closed here, between reads, never while a thread reads them.
+            for run_id in [r for r in self._tails if r not in self._subs or self._stopping]:
+                self._tails.pop(run_id).close()
+
+    async def stop(self) -> None:
+        """Stop following (shutdown): the current read finishes, then every file is closed."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        for t in self._tails.values():
+            t.close()
+        self._tails.clear()
 
 
 def _unknown(run_id: str) -> UnknownRun:
@@ -146,9 +243,9 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 class RunsApi:
     """The /runs and /ui handlers over one runs dir, plus the live-events hub."""
 
-    def __init__(self, runs_dir: Path) -> None:
+    def __init__(self, runs_dir: Path, follow_files: bool = False) -> None:
         self.runs_dir = runs_dir
-        self.hub = EventHub()
+        self.hub = FollowingHub() if follow_files else EventHub()
         self.keepalive_s = KEEPALIVE_S
         self._totals: dict[str, report.RunSummary] = {}
         self._summaries: dict[tuple[str, tuple[str, ...]], tuple[report.RunSummary, Any, bytes]] = {}
@@ -265,13 +362,16 @@ class RunsApi:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """GET /runs/{run_id}/events: Server-Sent Events, one 'record' event per new record."""
-        run_id, _ = self.path(request)
+        run_id, path = self.path(request)
         if self.hub.count >= MAX_SUBSCRIBERS:
             raise TooManySubscribers(
                 f"Too many event streams open (at most {MAX_SUBSCRIBERS}); try again later.",
                 code="too_many_subscribers",
             )
-        sub = self.hub.subscribe(run_id)
+        try:
+            sub = await self.hub.join(run_id, path)
+        except FileNotFoundError:
+            raise _unknown(run_id) from None  # removed since path() looked
         try:
             resp = web.StreamResponse(
                 headers={
@@ -307,6 +407,7 @@ class RunsApi:
     async def on_shutdown(self, app: web.Application) -> None:
         """End the event streams so shutdown need not wait for them."""
         self.hub.close_all("shutdown")
+        await self.hub.stop()
 
 
 RUNS_API = web.AppKey("runs_api", RunsApi)
