@@ -45,6 +45,7 @@ _PEEK_BYTES = 64 * 1024
 _MAX_REQUEST_ID = 200
 _LOCK_RETRY_S = 1.0
 _FIRST_BACKOFF_S = 0.25
+_CLOSE_GRACE_S = 5.0
 
 
 class DeliveryError(Exception):
@@ -413,7 +414,8 @@ class ShipperStatus:
     failures: int = 0
     skipped: int = 0
     failing: Failing | None = None
-    scanned: bool = False
+    scans: int = 0
+    """Scans of the runs dir so far: a test waits for one to know a file was looked at."""
 
     def age_s(self, now: float | None = None) -> float:
         """Age of the oldest unshipped record in seconds (0 without a backlog)."""
@@ -463,7 +465,15 @@ class Shipper:
     def _update_backlog(self) -> None:
         lines, size, oldest = self.tail.backlog()
         self.status.backlog_records, self.status.backlog_bytes, self.status.oldest_ts = lines, size, oldest
-        self.status.scanned = True
+        self.status.scans += 1
+
+    def _commit(self, batch: Batch) -> None:
+        self.tail.commit(batch)
+        self._update_backlog()
+
+    def _rescan(self) -> None:
+        self.tail.scan()
+        self._update_backlog()
 
     def _read(self) -> Batch | None:
         self.tail.scan()
@@ -478,7 +488,7 @@ class Shipper:
         if batch.records:
             await self._deliver(batch)
         else:
-            await asyncio.to_thread(self.tail.commit, batch)  # only lines that are not records: nothing to send
+            await asyncio.to_thread(self._commit, batch)  # only lines that are not records: nothing to send
         self.status.skipped += batch.skipped
         if len(batch.records) < self.batch_size:
             await self._sleep(self.interval_s)
@@ -504,15 +514,14 @@ class Shipper:
                               "run files", self.destination.name, failing.failures, why)  # fmt: skip
                 if first:
                     await asyncio.to_thread(self.tail.save)  # standby workers report it too
-                await asyncio.to_thread(self._update_backlog)
+                await asyncio.to_thread(self._rescan)  # the backlog goes on growing while we wait
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
                 continue
             recovered = self.tail.failing is not None
-            await asyncio.to_thread(self.tail.commit, batch)
+            await asyncio.to_thread(self._commit, batch)
             self.status.failing = None
             self.status.shipped += len(batch.records)
-            self.status.backlog_records = max(0, self.status.backlog_records - sum(s.lines for s in batch.segments))
             if recovered:
                 log.warning("shipper: %s: delivering again", self.destination.name)
             return
@@ -567,9 +576,15 @@ class Shipping:
             self._tasks.append(asyncio.create_task(s.run(self), name=f"shipper-{s.destination.name}"))
 
     async def close(self) -> None:
-        """Stop the loops (a delivery in flight is cancelled: it is shipped again later), close, unlock."""
+        """Stop the loops (a delivery still in flight after a grace is cancelled: shipped again later), unlock."""
         for s in self.shippers:
             s.stop()
+        loops = self._tasks[1:]
+        if self._tasks:
+            self._tasks[0].cancel()  # the election
+        if loops:
+            # A delivery in flight may finish (and be committed) rather than be sent again after a restart.
+            await asyncio.wait(loops, timeout=_CLOSE_GRACE_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -99,8 +99,37 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def pg_server() -> Iterator[PgServer]:
-    """A started PgServer, destroyed afterwards; skips when PostgreSQL cannot run here."""
+@pytest.fixture(scope="module")
+def pg_module() -> Iterator[PgServer]:
+    """One PostgreSQL for a test module (each test makes its own database with new_database)."""
+    yield from _server()
+
+
+@pytest.fixture
+def pg_own() -> Iterator[PgServer]:
+    """A PostgreSQL of the test's own, for tests that stop and restart it."""
+    yield from _server()
+
+
+_dbs = 0
+
+
+async def new_database(server: PgServer) -> str:
+    """Create an empty database on server; return its URL."""
+    import asyncpg
+
+    global _dbs
+    _dbs += 1
+    name = f"t{os.getpid()}_{_dbs}"
+    conn = await asyncpg.connect(server.url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return server.url_for(name)
+
+
+def _server() -> Iterator[PgServer]:
     reason = skip_reason()
     if reason is not None:
         pytest.skip(reason)
