@@ -39,6 +39,7 @@ class Category(StrEnum):
     RECORDING_UNAVAILABLE = "recording_unavailable"  # the runs dir cannot be written and calls are refused
     PROXY_SHUTDOWN = "proxy_shutdown"  # the proxy stopped before the call finished (grace period ran out)
     BUDGET_EXCEEDED = "budget_exceeded"  # the run's USD/token budget is spent, or this call's reserve would cross it
+    BUDGET_STORE_UNAVAILABLE = "budget_store_unavailable"  # the shared budget store (Redis) is unreachable: refused
     UNAUTHORIZED = "unauthorized"  # missing or wrong proxy key (record in .rejected.jsonl)
     UNKNOWN = "unknown"
 
@@ -142,6 +143,12 @@ class BudgetExceeded(ProxyError):
     status = 429
     type = "budget_exceeded"
     category = Category.BUDGET_EXCEEDED
+
+
+class BudgetStoreUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    category = Category.BUDGET_STORE_UNAVAILABLE
 
 
 class Unauthorized(ProxyError):

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from proxy import budgets as B
+from proxy.budget_store import Limits, LocalStore
 from proxy.config import BudgetRule, Budgets
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import JsonlSink
@@ -238,17 +239,16 @@ def test_units_and_tokens_are_clamped_never_raise(value: Any, units: int, tokens
 )  # fmt: skip
 async def test_observer_counts_hostile_records_and_never_raises(tmp_path: Any, cost: Any, tokens: Any,
                                                                 units: int, counted: int) -> None:  # fmt: skip
-    tracker = B.BudgetTracker(budgets(1.0, 1000), JsonlSink(tmp_path / "runs"))
-    run = tracker._track("r")
-    assert run.loading is not None
-    await run.loading  # no run file yet: spend starts at 0
-    tracker._inflight["req_1"] = (run, 7, 9)
-    run.reserved_usd, run.reserved_tokens = 7, 9
+    store = LocalStore(JsonlSink(tmp_path / "runs"))
+    tracker = B.BudgetTracker(budgets(1.0, 1000), store.sink, store=store)
+    # No run file yet: spend starts at 0; the call holds 7 units and 9 tokens.
+    admitted = await store.reserve("r", "req_1", 7, 9, Limits(B.UNITS, 1000))
+    assert admitted.refused is None and store.reserved("r") == (7, 9)
     tracker.observe(make_record(cost_usd=cost, total_tokens=tokens))
     # The reservation is released and the spend counted, clamped: never negative, never lost.
-    assert (run.reserved_usd, run.reserved_tokens) == (0, 0) and not tracker._inflight
-    assert (run.usd, run.tokens) == (units, counted)
-    assert isinstance(run.usd, int) and isinstance(run.tokens, int)
+    assert store.reserved("r") == (0, 0)
+    spent = store.seen_spend("r")
+    assert spent == (units, counted) and all(isinstance(x, int) for x in spent)
     tracker.observe(make_record(request_id="req_2", cost_usd=0.5, total_tokens=10))
     assert tracker.spend("r") == (B.fmt_usd(units + B.UNITS // 2), counted + 10)
 

@@ -17,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 
+from proxy import budget_store
 from proxy import budgets as B
 from proxy import usage as U
 from proxy.config import BudgetRule, Budgets
@@ -178,19 +179,19 @@ async def test_replay_that_fails_refuses_instead_of_forgetting(make_proxy: Proxy
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "kept.jsonl").write_bytes(b'{"request_id": "req_ok", "cost_usd": 0.25, "total_tokens": 1000}\n')
-    real = B._read_totals
+    real = budget_store.read_totals  # the replay moved to the budget store
 
     def broken(*args: Any) -> tuple[int, int]:
         raise RuntimeError("a bug in replay")
 
-    monkeypatch.setattr(B, "_read_totals", broken)
+    monkeypatch.setattr(budget_store, "read_totals", broken)
     proxy = await make_proxy(pricebook=PRICES, budgets=usd_budget())
     exc = await chat(make_client(proxy, run_id="kept"), max_tokens=1)
     # Not admitted on a spend of 0: the call is refused as for an unreadable run file, and nothing is sent.
     assert isinstance(exc, openai.InternalServerError) and exc.status_code == 503, exc
     assert exc.response.json()["error"]["code"] == "recording_unavailable"
     assert fake_upstream.requests == []
-    monkeypatch.setattr(B, "_read_totals", real)
+    monkeypatch.setattr(budget_store, "read_totals", real)
     resp = await chat(make_client(proxy, run_id="kept"), max_tokens=1)  # the next call reads the file again
     assert resp.status_code == 200 and resp.headers["X-Run-Spend-Usd"] == "0.25"
 

@@ -14,7 +14,8 @@ import pytest
 from yarl import URL
 
 from proxy import config, report, runs_api
-from proxy.runs_api import RUNS_API, EventHub
+from proxy.records import JsonlSink
+from proxy.runs_api import RUNS_API, EventHub, FollowingHub
 from tests.conftest import Messages, ProxyUnderTest, make_client, make_record
 
 MSG: Messages = [{"role": "user", "content": "hi"}]
@@ -304,3 +305,58 @@ async def test_run_ids_from_urls_never_reach_the_filesystem(
 
 def test_runs_api_uses_the_proxys_run_id_rule() -> None:
     assert runs_api.RUN_ID_RE is config.RUN_ID_RE and report.RUN_ID_RE is config.RUN_ID_RE
+
+
+# -- serve --workers N: streams follow the shared run file ------------------------------------------
+
+
+async def test_following_hub_sends_every_writers_records_once_in_file_order(tmp_path: Path) -> None:
+    """Two sinks on one runs dir (two workers): a followed run's stream gets both sinks' records, each once,
+    in file order, from the subscription on; a torn fragment is skipped; stop() ends the follower."""
+    worker_a, worker_b = JsonlSink(tmp_path, 60), JsonlSink(tmp_path, 60)
+    hub = FollowingHub(poll_s=0.02)
+    worker_a.on_flush.append(hub.wake)
+    worker_a.write("r", make_record(run_id="r", request_id="req_before").to_json())
+    await worker_a.flush()
+    sub = await hub.join("r", tmp_path / "r.jsonl")
+    hub.observe(make_record(run_id="r", request_id="req_observed"))  # the file brings it, not the observer
+    with (tmp_path / "r.jsonl").open("ab") as f:
+        f.write(b'{"request_id": "req_torn')  # a worker killed mid-line
+    for n in range(6):
+        sink = worker_a if n % 2 else worker_b
+        sink.write("r", make_record(run_id="r", request_id=f"req_{n}").to_json())
+        await sink.flush()
+    frames = [await asyncio.wait_for(sub.queue.get(), 5) for _ in range(6)]
+    got = [orjson.loads(f.split(b"data: ", 1)[1])["request_id"] for f in frames if f is not None]
+    on_file = [orjson.loads(x)["request_id"] for x in report.records_since(tmp_path / "r.jsonl", 0)]
+    assert got == on_file[1:] == [f"req_{n}" for n in range(6)]
+    late = await hub.join("r", tmp_path / "r.jsonl")  # joins at the end of the file: none of the above
+    worker_b.write("r", make_record(run_id="r", request_id="req_last").to_json())
+    await worker_b.flush()
+    for s in (sub, late):
+        frame = await asyncio.wait_for(s.queue.get(), 5)
+        assert frame is not None and b'"req_last"' in frame and s.queue.empty()
+    hub.close_all("shutdown")
+    await asyncio.wait_for(hub.stop(), 5)
+    assert hub.count == 0 and not hub._tails
+    await worker_a.close()
+    await worker_b.close()
+
+
+async def test_following_hub_drops_a_subscriber_that_falls_behind(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path, 60)
+    sink.write("r", make_record(run_id="r", request_id="req_0").to_json())
+    await sink.flush()
+    hub = FollowingHub(poll_s=0.02)
+    slow = await hub.join("r", tmp_path / "r.jsonl")
+    for n in range(runs_api.QUEUE_SIZE + 1):
+        sink.write("r", make_record(run_id="r", request_id=f"req_{n + 1}").to_json())
+    await sink.flush()
+    hub.wake()
+    for _ in range(500):  # the follower reads the backlog in slices; nobody drains this queue
+        if slow.end_reason is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert slow.end_reason == "too_slow" and hub.dropped == 1 and hub.count == 0
+    await asyncio.wait_for(hub.stop(), 5)
+    await sink.close()
