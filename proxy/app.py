@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy import access, budgets, errors, routes, runs_api
+from proxy import access, budget_store, budgets, errors, routes, runs_api
 from proxy.config import Config
 from proxy.forward import Forwarder, Hooks, expect_continue
 from proxy.metrics import Metrics
@@ -20,6 +20,7 @@ from proxy.shipper import Shipping, ShippingCollector
 from proxy.shipper import from_config as shipping_from_config
 
 if TYPE_CHECKING:
+    from proxy.otel import OtelExporter
     from proxy.pricing import PriceBook
 
 log = logging.getLogger("metering_proxy")
@@ -29,6 +30,7 @@ SINK = web.AppKey("sink", JsonlSink)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 METRICS = web.AppKey("metrics", Metrics)
 SHIPPING = web.AppKey("shipping", Shipping)
+OTEL: web.AppKey[OtelExporter] = web.AppKey("otel")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,7 +57,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def healthz(request: web.Request) -> web.Response:
     """200 while records can be written (status degraded while a shipper lags or fails), 503 when they cannot."""
     sink = request.app[SINK]
-    body = {
+    body: dict[str, object] = {
         "status": "ok" if sink.healthy else "unhealthy",
         "runs_dir": str(sink.runs_dir),
         "records_written": sink.written,
@@ -67,6 +69,8 @@ async def healthz(request: web.Request) -> web.Response:
         degraded, body["shipper"] = shipping.health()
         if degraded and sink.healthy:
             body["status"] = "degraded"  # still 200: calls are recorded; the copies elsewhere lag
+    if (otel := request.app.get(OTEL)) is not None:
+        body["otel"] = otel.health()  # a collector down never fails /healthz: calls and records are unaffected
     return web.Response(status=200 if sink.healthy else 503, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -96,12 +100,14 @@ def route_middleware(forwarder: Forwarder) -> Callable[..., Awaitable[web.Stream
 
 
 def make_app(
-    cfg: Config, pricebook: PriceBook | None = None, *, multiprocess_dir: Path | None = None
+    cfg: Config, pricebook: PriceBook | None = None, *, multiprocess_dir: Path | None = None,
+    shared_budgets: Path | None = None,
 ) -> web.Application:
     """Build the proxy application for a configuration.
 
     multiprocess_dir is given to each worker of ``serve --workers N``: /metrics and the live events then
     cover every worker of the host (metric files shared there; events read from the run files).
+    shared_budgets is the SQLite file those workers keep run budgets in when no Redis is configured.
     """
     # Request bodies are decoded by proxy.body, in small steps between which other calls run: aiohttp's
     # decoder inflated a compression bomb up to the size limit in one go, stalling every call in flight.
@@ -111,16 +117,19 @@ def make_app(
     app[SINK] = sink = JsonlSink(cfg.runs_dir, cfg.flush_interval_s, fsync=cfg.fsync == "batch")
     access.check_exposure(cfg)  # an open relay must not start
     app[METRICS] = metrics = Metrics(sink, multiprocess_dir=multiprocess_dir)
-    app[budgets.BUDGETS] = tracker = budgets.BudgetTracker(cfg.budgets, sink, pricebook)
+    store = budget_store.for_config(cfg.budgets, sink, shared_budgets)
+    app[budgets.BUDGETS] = tracker = budgets.BudgetTracker(cfg.budgets, sink, pricebook, store)
     runs = runs_api.RunsApi(cfg.runs_dir, follow_files=multiprocess_dir is not None)
     if multiprocess_dir is not None:
         sink.on_flush.append(runs.hub.wake)  # this worker's records: followed as soon as they are written
     # Every feature on the request path, in the order it runs: checks before forwarding, observers after
     # each record is queued.
+    otel = _otel_exporter(app, cfg, metrics)
     hooks = Hooks(
         checks=(tracker.check,),
         observers=(metrics.observe, tracker.observe, runs.hub.observe),
         consumed_headers=budgets.HEADERS | access.HEADERS,
+        spans=(otel.observe,) if otel is not None else (),
     )
     # The client session needs a running loop: _resources plugs it in at start-up.
     app[FORWARDER] = forwarder = Forwarder(cfg, None, sink, pricebook, hooks)
@@ -164,7 +173,34 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await session.close()
+        await app[budgets.BUDGETS].store.close()  # settlements still scheduled reach the store first
         await sink.close()
+
+
+def _otel_exporter(app: web.Application, cfg: Config, metrics: Metrics) -> OtelExporter | None:
+    """The OTLP exporter when otel.enabled (the SDK is imported only then), with its start and stop."""
+    if not cfg.otel.enabled:
+        return None
+    try:
+        from proxy.otel import OtelExporter
+    except ImportError as exc:
+        from proxy.config import ConfigError
+
+        raise ConfigError(f"config: otel.enabled needs the otel extra: pip install 'metering-proxy[otel]' ({exc})"
+                          ) from None  # fmt: skip
+    app[OTEL] = otel = OtelExporter(cfg.otel)
+    metrics.registry.register(otel)  # its export counters on /metrics
+    app.cleanup_ctx.append(_otel)  # before _resources: stopped after the last record (and its span) is made
+    return otel
+
+
+async def _otel(app: web.Application) -> AsyncIterator[None]:
+    otel = app[OTEL]
+    otel.start()
+    try:
+        yield
+    finally:
+        await otel.close()
 
 
 async def _shipping(app: web.Application) -> AsyncIterator[None]:

@@ -78,11 +78,35 @@ class BudgetRule:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetStoreConfig:
+    """Where run budgets keep their state: this process (default) or a Redis shared by a fleet."""
+
+    url: str | None = field(default=None, repr=False)
+    """redis://[user:password@]host:port/db; None keeps budgets in each process (or one host's SQLite file)."""
+    url_env: str | None = None
+    """Environment variable holding the URL instead (resolve_env reads it into url)."""
+    on_unavailable: str = "refuse"
+    """refuse: 503 budget_store_unavailable while Redis is unreachable; local: judge by this process's view."""
+    reservation_ttl_s: float = 1800.0
+    """How long a reservation holds if its call never settles (a crashed process); longer than total_s."""
+    key_prefix: str = "metering-proxy:"
+    """Prefix of every Redis key (several fleets may share one Redis)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Budgets:
     """Run budgets: the default applies to every run, plus the first matching rule; stricter wins."""
 
     default: BudgetRule = BudgetRule()
     runs: tuple[BudgetRule, ...] = ()
+    store: BudgetStoreConfig = BudgetStoreConfig()
+    """The budget store (budgets.store); off (per process) by default."""
+
+    @property
+    def configured(self) -> bool:
+        """Whether any config rule sets a limit (header limits aside)."""
+        rules = (self.default, *self.runs)
+        return any(r.usd is not None or r.tokens is not None for r in rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +405,8 @@ KEYS: dict[str, frozenset[str]] = {
     "timeouts": frozenset({"connect_s", "read_s", "total_s"}),
     "prices": frozenset({"file", "custom"}),
     "prices.custom[]": frozenset({"model", "upstream", "input", "cached_input", "cache_write", "output"}),
-    "budgets": frozenset({"default", "runs"}),
+    "budgets": frozenset({"default", "runs", "store"}),
+    "budgets.store": frozenset({"url", "url_env", "on_unavailable", "reservation_ttl_s", "key_prefix"}),
     "budgets.runs[]": frozenset({"match", "usd", "tokens"}),
     "access": frozenset({"proxy_keys", "proxy_keys_env", "admin_token", "admin_token_env"}),
     "ship": frozenset({"postgres", "webhook", "degraded_after_s", "retry_max_s"}),
@@ -438,7 +463,41 @@ def _budgets(raw: Any) -> Budgets:
         if match is None:
             raise _fail(f"budgets.runs[{i}].match", "is required: a glob on the run id, e.g. 'eval-*'")
         runs.append(_limits(rule, f"budgets.runs[{i}].", match))
-    return Budgets(default=default, runs=tuple(runs))
+    return Budgets(default=default, runs=tuple(runs), store=_budget_store(raw.get("store")))
+
+
+def _check_redis_url(url: str, key: str) -> str:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise _fail(key, f"must be a redis://host:port/db URL (got {redact_url(url)!r})")
+    return url
+
+
+def _budget_store(raw: Any) -> BudgetStoreConfig:
+    if raw is None:
+        return BudgetStoreConfig()
+    if not isinstance(raw, dict):
+        raise _fail("budgets.store", "must be a mapping with url or url_env")
+    path = "budgets.store."
+    _check_keys(raw, KEYS["budgets.store"], path)
+    url, url_env = _str(raw, "url", path, None), _str(raw, "url_env", path, None)
+    if url is not None and url_env is not None:
+        raise _fail(f"{path}url_env", "give url or url_env, not both")
+    if url is not None:
+        _check_redis_url(url, f"{path}url")
+    d = BudgetStoreConfig()
+    ttl = _num(raw, "reservation_ttl_s", path, d.reservation_ttl_s, minimum=1)
+    if not math.isfinite(ttl):
+        raise _fail(f"{path}reservation_ttl_s", "must be a finite number of seconds")
+    mode = raw.get("on_unavailable", d.on_unavailable)
+    if mode not in ("refuse", "local"):
+        raise _fail(f"{path}on_unavailable", f"must be one of refuse, local (got {mode!r})")
+    return BudgetStoreConfig(
+        url=url,
+        url_env=url_env,
+        on_unavailable=mode,
+        reservation_ttl_s=float(ttl),
+        key_prefix=_str(raw, "key_prefix", path, d.key_prefix) or d.key_prefix,
+    )
 
 
 def _access(raw: Any) -> Access:
@@ -694,7 +753,12 @@ def resolve_env(cfg: Config) -> Config:
     token = a.admin_token
     if token is None and a.admin_token_env is not None:
         token = _from_env(a.admin_token_env, "access.admin_token_env")
-    return replace(cfg, upstreams=ups, access=replace(a, proxy_keys=keys, admin_token=token))
+    store = cfg.budgets.store
+    if store.url is None and store.url_env is not None:
+        key = "budgets.store.url_env"
+        store = replace(store, url=_check_redis_url(_from_env(store.url_env, key), key))
+    return replace(cfg, upstreams=ups, access=replace(a, proxy_keys=keys, admin_token=token),
+                   budgets=replace(cfg.budgets, store=store))  # fmt: skip
 
 
 def price_cache_path() -> Path:
