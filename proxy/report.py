@@ -274,7 +274,7 @@ class LineReader:
         self.skipped = 0
         self.notes: list[str] = []
 
-    def take(self, lineno: int, line: bytes, terminated: bool = True) -> tuple[RecordedCall, Any] | None:
+    def take(self, lineno: int, line: bytes | str, terminated: bool = True) -> tuple[RecordedCall, Any] | None:
         """Return (call, parsed record) for a record line; None (and a note) for anything else."""
         body = line.strip()
         if not body:
@@ -354,8 +354,11 @@ class RunSummary:
         by: Iterable[str] = ("model",),
         view_calls: int = 0,
         samples: bool = True,
+        source: str | None = None,
     ) -> None:
         self.path = path
+        self.source = source or str(path)
+        """What the report names as the run's "file": the path, or the table it was read from."""
         self.run_id = run_id
         self.specs = list(dict.fromkeys(by))
         self.samples = samples
@@ -409,7 +412,12 @@ class RunSummary:
                 self.lineno += 1
                 self._fold(line, terminated)
 
-    def _fold(self, line: bytes, terminated: bool) -> None:
+    def fold(self, line: bytes | str) -> None:
+        """Fold in one record given whole (a complete line, or a record read from the database)."""
+        self.lineno += 1
+        self._fold(line, True)
+
+    def _fold(self, line: bytes | str, terminated: bool) -> None:
         lineno = self.lineno
         taken = self.reader.take(lineno, line, terminated)
         if taken is None:
@@ -456,7 +464,7 @@ class RunSummary:
     def _head(self) -> dict[str, Any]:
         tail = [self.tail_note] if self.tail_note else []
         return {
-            "run_id": self.run_id, "file": str(self.path), "records": self.reader.records,
+            "run_id": self.run_id, "file": self.source, "records": self.reader.records,
             "skipped_lines": self.reader.skipped + len(tail), "notes": self.reader.notes + tail,
         }  # fmt: skip
 

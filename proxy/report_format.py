@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import io
 import sys
@@ -207,6 +208,18 @@ def render_csv(doc: dict[str, Any], spec: str) -> str:
     return buf.getvalue()
 
 
+def _database(args: argparse.Namespace) -> str | None:
+    """The database to read: --db, else ship.postgres of --config, else None (the run files)."""
+    if args.db:
+        return str(args.db)
+    if args.config is None:
+        return None
+    from proxy import config
+
+    pg = config.load(args.config).ship.postgres
+    return pg.url if pg is not None else None
+
+
 def cli(args: argparse.Namespace) -> int:
     """Run `metering-proxy report`; return 0, 1 (unknown run, or a run file that is a symlink) or 2 (bad usage)."""
     try:
@@ -220,7 +233,20 @@ def cli(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
     summaries = []
     by = [spec, "model", "task"] if args.html is not None else [spec]
-    for run_id in args.run_ids:
+    db = _database(args)
+    if db is not None:
+        from proxy import report_db
+
+        try:
+            summaries = asyncio.run(report_db.summarize_runs(db, args.run_ids, by,
+                                                             view_calls=report.VIEW_CALLS if args.html else 0))
+        except RunNotFound as exc:
+            print(f"metering-proxy report: {exc}", file=sys.stderr)
+            return 1
+        except report_db.DatabaseError as exc:
+            print(f"metering-proxy report: {exc}", file=sys.stderr)
+            return 1
+    for run_id in args.run_ids if db is None else ():
         try:
             path = report.run_path(runs_dir, run_id)
             summaries.append(report.summarize(path, run_id, by, view_calls=report.VIEW_CALLS if args.html else 0))
