@@ -5,8 +5,12 @@ WORKDIR /src
 
 # The dependencies get their own layer, keyed on pyproject.toml alone: a change to the source or the
 # README then rebuilds only the small layer below, not aiohttp, uvloop and the rest.
+# EXTRAS: optional dependency groups to add, comma-separated (compose.yaml builds with EXTRAS=fleet).
+ARG EXTRAS=""
 COPY pyproject.toml ./
-RUN python -c "import sys, tomllib; sys.stdout.writelines(d + '\n' for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'])" \
+RUN python -c "import os, sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [e for e in os.environ.get('EXTRAS', '').split(',') if e]; \
+sys.stdout.writelines(d + '\n' for d in p['dependencies'] + [x for e in extras for x in p['optional-dependencies'][e]])" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy import config as C
 from proxy.cli import main
@@ -149,3 +150,22 @@ def test_no_documented_key_is_unknown() -> None:
         first = row.split("|")[1]
         name = re.match(r"\s*`([a-z_]+)", first)
         assert name and name.group(1) in C.KEYS[""], row
+
+
+def test_the_fleet_example_loads_and_compose_sets_every_variable_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config/fleet.yaml is what compose.yaml runs: it must load, and compose must set each *_env it reads."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
+    proxy = compose["x-proxy"]
+    fleet_text = (ROOT / "config" / "fleet.yaml").read_text(encoding="utf-8")
+    named = set(re.findall(r"_env:\s*([A-Z_]+)", fleet_text))
+    assert named and named <= set(proxy["environment"]), named - set(proxy["environment"])
+    for name in named:
+        monkeypatch.setenv(name, "redis://r:6379/0" if "REDIS" in name else
+                           "postgresql://u:p@pg/db" if "PG" in name else "k-0123456789")  # fmt: skip
+    cfg = C.load(ROOT / "config" / "fleet.yaml")
+    assert cfg.budgets.store is not None and cfg.budgets.store.url == "redis://r:6379/0"
+    assert cfg.ship.postgres is not None and cfg.ship.postgres.url == "postgresql://u:p@pg/db"
+    assert cfg.access.proxy_keys and cfg.access.admin_token  # bound to 0.0.0.0 with an injected key
+    mounted = {v.split(":")[1] for s in ("proxy-a", "proxy-b") for v in compose["services"][s]["volumes"]}
+    assert proxy["command"][1] in mounted and "/runs" in mounted
+    assert {"redis", "postgres"} <= set(compose["services"]) and proxy["build"]["args"]["EXTRAS"] == "fleet"
