@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from proxy import errors, redact, routes
+from proxy import errors, redact, routes, tracecontext
 from proxy.config import Upstream
 from proxy.meter import Meter
 from proxy.records import ErrorInfo, Record, cost_fields, usage_fields
@@ -31,11 +31,11 @@ class Call:
     __slots__ = (
         "t0", "ts", "request_id", "run_id", "task", "tags", "endpoint", "path", "method", "upstream", "provider",
         "requested_model", "stream", "status", "meter", "ttfb", "error", "injected", "upstream_request_id",
-        "request_obj", "up", "extra_headers", "delivered", "secrets", "credentials", "request_headers",
+        "request_obj", "up", "extra_headers", "delivered", "secrets", "credentials", "request_headers", "trace",
     )  # fmt: skip
 
     def __init__(self, endpoint: routes.Endpoint | None, method: str, path: str, secrets: redact.Secrets,
-                 request_headers: Mapping[str, str]) -> None:  # fmt: skip
+                 request_headers: Mapping[str, str], traced: bool = False) -> None:  # fmt: skip
         self.t0 = perf_counter()
         self.ts = time.time()
         self.request_id = "req_" + os.urandom(12).hex()
@@ -67,6 +67,10 @@ class Call:
         self.credentials = redact.credentials(request_headers)
         """This client's own credentials: masked in its record and in error answers."""
         self.request_headers = request_headers
+        # With OTel off only a traceparent the client sent is read (its trace id goes in the record); on,
+        # the proxy's own span id is made now: the traceparent sent upstream names it.
+        self.trace = tracecontext.begin(request_headers) if traced else tracecontext.incoming(request_headers)
+        """The call's W3C trace: the client's, the proxy's span in it, or None (OTel off, no traceparent)."""
 
     def fail(self, category: errors.Category, detail: str) -> ErrorInfo:
         """Mark the call failed (first failure wins) and return its error.
@@ -112,6 +116,7 @@ def to_record(call: Call, end: float, usage: Usage, source: str, provider: str |
         ts=_iso(call.ts),
         run_id=call.run_id,
         request_id=call.request_id,
+        trace_id=call.trace.trace_id if call.trace is not None else None,
         task=call.task,
         tags=call.tags,
         endpoint=call.path,

@@ -21,6 +21,7 @@ from proxy.call import Call, to_record
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import Category, ProxyError
 from proxy.records import JsonlSink, Record
+from proxy.tracecontext import CallFacts
 from proxy.usage import settle
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ Check = Callable[["Call", web.Request, dict[str, Any]], Awaitable[None]]
 Observer = Callable[[Record], None]
 
 
+SpanObserver = Callable[[Record, CallFacts], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Hooks:
     """What other features plug into the request path; make_app builds it, in the order it runs."""
@@ -50,6 +54,8 @@ class Hooks:
     """Called with every record once it is queued, in order (metrics, budgets, live events)."""
     consumed_headers: frozenset[str] = frozenset()
     """Lower-cased request headers a feature reads itself (never sent upstream)."""
+    spans: tuple[SpanObserver, ...] = ()
+    """Called with every record of a call to a known endpoint and its span facts (OTel); any makes calls traced."""
 
 
 class Forwarder:
@@ -70,6 +76,9 @@ class Forwarder:
         self.secrets = redact.from_config(cfg)
         self.checks = list(hooks.checks)
         self.observers = list(hooks.observers)
+        self.spans = list(hooks.spans)
+        self.traced = bool(self.spans)
+        """Whether each call gets a span of the proxy's (its traceparent sent upstream)."""
         self.consumed_headers = _CONSUMED | hooks.consumed_headers
         """Lower-cased request headers the proxy reads itself and never sends upstream."""
 
@@ -88,8 +97,10 @@ class Forwarder:
             )
         return run_id
 
-    def _upstream_headers(self, request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
-        return self.upstreams.request_headers(request.headers, upstream, self.consumed_headers)
+    def _upstream_headers(self, request: web.Request, upstream: Upstream,
+                          call: Call | None = None) -> CIMultiDict[str]:  # fmt: skip
+        trace = call.trace if call is not None and self.traced else None
+        return self.upstreams.request_headers(request.headers, upstream, self.consumed_headers, trace)
 
     def _client_headers(self, up: aiohttp.ClientResponse, call: Call | None,
                         credentials: tuple[str, ...]) -> CIMultiDict[str]:  # fmt: skip
@@ -158,10 +169,10 @@ class Forwarder:
         """Answer a call refused before it is read (bad path, no proxy key): one record, run_id null."""
         route = request.get(routes.ROUTE)
         if route is not None:
-            call = Call(route.endpoint, request.method, route.path, self.secrets, request.headers)
+            call = Call(route.endpoint, request.method, route.path, self.secrets, request.headers, self.traced)
         else:  # the path itself was refused: record what was asked for, bounded
             call = Call(None, request.method, request.raw_path.partition("?")[0][:200], self.secrets,
-                        request.headers)  # fmt: skip
+                        request.headers, self.traced)  # fmt: skip
         call.status = exc.status
         err = call.fail(exc.category, exc.message)
         self._record(call)
@@ -169,7 +180,7 @@ class Forwarder:
 
     async def metered(self, request: web.Request, endpoint: routes.Endpoint) -> web.StreamResponse:
         """Forward one LLM call and record exactly one line for it, whatever happens."""
-        call = Call(endpoint, request.method, endpoint.path, self.secrets, request.headers)
+        call = Call(endpoint, request.method, endpoint.path, self.secrets, request.headers, self.traced)
         try:
             return await self._metered(request, call)
         except ProxyError as exc:
@@ -282,7 +293,7 @@ class Forwarder:
         if usage_stream:
             body = self._stream_options(call, upstream, obj, original)
         url = self.upstreams.url(upstream, request[routes.ROUTE], request.rel_url.raw_query_string)
-        up_headers = self._upstream_headers(request, upstream)
+        up_headers = self._upstream_headers(request, upstream, call)
         up = await self._send(request.method, url, body, up_headers)
         asked = body is not original or "stream_options" in obj
         if usage_stream and asked and await upstreams.rejects_stream_options(up):
@@ -416,6 +427,26 @@ class Forwarder:
                 observe(record)
             except Exception:  # an observer's bug must never lose the call or its record
                 log.exception("record observer failed")
+        if self.spans and call.trace is not None and call.endpoint is not None:
+            self._span(call, record, end)
+
+    def _span(self, call: Call, record: Record, end: float) -> None:
+        """Hand the record and the call's span facts to the span observers (OTel on only)."""
+        assert call.trace is not None and call.endpoint is not None
+        start_ns = int(call.ts * 1e9)
+        first = call.meter.first_output_at if call.stream else None
+        host, port = self.upstreams.address(call.upstream) if call.upstream is not None else (None, None)
+        facts = CallFacts(
+            trace=call.trace, start_ns=start_ns,
+            first_chunk_ns=None if first is None else start_ns + int((first - call.t0) * 1e9),
+            end_ns=start_ns + int((end - call.t0) * 1e9), operation=call.endpoint.operation,
+            server_address=host, server_port=port, response_id=call.meter.response_id,
+        )  # fmt: skip
+        for observe in self.spans:
+            try:
+                observe(record, facts)
+            except Exception:  # an exporter's bug must never lose the call or its record
+                log.exception("span observer failed")
 
     # -- everything else under /v1 ---------------------------------------------------------
 

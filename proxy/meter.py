@@ -19,6 +19,7 @@ from proxy.errors import Category, category_for_stream_error, scrub
 from proxy.sse import Event, SSEDecoder
 
 _MAX_LINE = 16 * 1024 * 1024
+_MAX_ID = 256
 # Ollama's final object: the fields kept as usage_raw (its counts and durations, never text).
 _OLLAMA_METRICS = ("prompt_eval_count", "prompt_eval_cached_count", "eval_count", "total_duration",
                    "load_duration", "prompt_eval_duration", "eval_duration")  # fmt: skip
@@ -52,7 +53,7 @@ class Meter:
     __slots__ = (
         "dialect", "spec", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
-        "service_tier", "usage_final", "_anthropic_usage", "_overhead", "_line",
+        "service_tier", "response_id", "usage_final", "_anthropic_usage", "_overhead", "_line",
     )  # fmt: skip
 
     def __init__(self, dialect: str, strip_usage: bool = False) -> None:
@@ -73,6 +74,8 @@ class Meter:
         """The dialect's final event was seen ([DONE], message_stop, response.completed, done: true)."""
         self.provider_hint: str | None = None
         self.service_tier: str | None = None
+        self.response_id: str | None = None
+        """The response's own id (chatcmpl-..., msg_..., resp_...): gen_ai.response.id on the call's span."""
         self._anthropic_usage: dict[str, Any] | None = None
         self.usage_final = True
         self._overhead = -1
@@ -180,6 +183,8 @@ class Meter:
             return True
         if self.model is None and isinstance(obj.get("model"), str):
             self.model = obj["model"]
+        if self.response_id is None:
+            self._id(obj)
         choices = obj.get("choices")
         if isinstance(choices, list):
             had_output = self.first_output_at is not None
@@ -241,6 +246,7 @@ class Meter:
             message = _as_dict(obj.get("message"))  # not `or {}`: a non-dict must not raise
             if isinstance(message.get("model"), str):
                 self.model = message["model"]
+            self._id(message)
             if isinstance(message.get("usage"), dict):
                 self._anthropic_usage = dict(message["usage"])
                 self.usage_raw = self._anthropic_usage
@@ -282,6 +288,7 @@ class Meter:
     def _responses_object(self, response: dict[str, Any]) -> None:
         if isinstance(response.get("model"), str):
             self.model = response["model"]
+        self._id(response)
         if isinstance(response.get("usage"), dict):
             self.usage_raw = response["usage"]
         status = response.get("status")
@@ -303,6 +310,11 @@ class Meter:
             self.provider_hint = self.provider_hint or "llamacpp"
         elif "stats" in obj:
             self.provider_hint = self.provider_hint or "lmstudio"
+
+    def _id(self, obj: dict[str, Any]) -> None:
+        rid = obj.get("id")
+        if isinstance(rid, str) and rid:
+            self.response_id = rid[:_MAX_ID]  # an upstream's id is shown, not trusted: bounded
 
     def _error_from(self, obj: dict[str, Any]) -> None:
         """Record an in-band error of any dialect: nested, flat, or Ollama's plain string."""
@@ -342,6 +354,7 @@ class Meter:
     def _anthropic_body(self, obj: dict[str, Any]) -> None:
         if isinstance(obj.get("model"), str):
             self.model = obj["model"]
+        self._id(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage_raw = obj["usage"]
         if isinstance(obj.get("stop_reason"), str):
@@ -351,6 +364,7 @@ class Meter:
     def _chat_body(self, obj: dict[str, Any]) -> None:
         if isinstance(obj.get("model"), str):
             self.model = obj["model"]
+        self._id(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage_raw = obj["usage"]
         choices = obj.get("choices")

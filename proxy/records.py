@@ -108,6 +108,7 @@ class Record:
     ts: str
     run_id: str | None
     request_id: str
+    trace_id: str | None
     task: str | None
     tags: dict[str, str]
     endpoint: str

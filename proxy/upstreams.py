@@ -19,8 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import providers, routes
-from proxy.tracecontext import TraceContext
 from proxy.config import Config, ConfigError, Upstream
+from proxy.tracecontext import TraceContext
 
 log = logging.getLogger("metering_proxy")
 

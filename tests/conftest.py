@@ -494,7 +494,7 @@ def make_client(proxy: ProxyUnderTest, *, run_id: str | None = None, api_key: st
 
 #: Every field a Record needs, as for a plain successful non-streamed chat call with upstream usage.
 RECORD_DEFAULTS: dict[str, Any] = {
-    "ts": "2026-01-01T00:00:00.000Z", "run_id": "r", "request_id": "req_1", "task": None, "tags": {},
+    "ts": "2026-01-01T00:00:00.000Z", "run_id": "r", "request_id": "req_1", "trace_id": None, "task": None, "tags": {},
     "endpoint": "/v1/chat/completions", "method": "POST", "upstream": "u", "provider": None,
     "requested_model": "m", "model": "m", "stream": False, "status": 200, "success": True, "finish_reason": "stop",
     "input_tokens": 1, "cached_input_tokens": 0, "cache_write_tokens": 0, "cache_write_5m_tokens": None,
