@@ -30,7 +30,8 @@ Unreachable Redis (connect/socket timeouts of a fraction of a second, no retries
 refuse`` a budgeted call gets 503 ``budget_store_unavailable``; with ``local`` it is judged by this process's
 LocalStore (this host's file and calls: the fleet's bound does not hold meanwhile). Either way settlements
 are kept (at most MAX_PENDING) and replayed, in order, once a probe finds Redis back; one WARNING when it
-goes, one when it is back. A replayed settlement is idempotent like any other.
+goes, one when it is back. A replayed settlement is idempotent like any other; before calls use Redis
+again, the process also re-seeds every run it knows (Redis may have lost its data; a no-op otherwise).
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ class RedisStore:
         self.pending: deque[tuple[str, str, int, int]] = deque(maxlen=MAX_PENDING)
         self.dropped = 0
         self._seeds: dict[str, asyncio.Task[None]] = {}
+        self._known: set[str] = set()
+        """Every run this process has opened: re-seeded when Redis is reachable again."""
         self._seen: dict[str, tuple[int, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probe: asyncio.Task[None] | None = None
@@ -213,11 +216,18 @@ class RedisStore:
             try:
                 await self.redis.ping()
                 replayed = await self._replay()
+                # Redis may have lost its data: add this host's files of the runs it knows again before any
+                # call is judged (a no-op for each run whose seeded flag survived).
+                for run_id in list(self._known):
+                    self._seeds.pop(run_id, None)
+                    await self._seed(run_id)
             except _UNAVAILABLE:
                 continue
+            except errors.RecordingUnavailable:
+                pass  # that run's next call reads its file again
             self.up = True
-            log.warning("budgets: the budget store %s is back; %d settlement(s) replayed%s", self.shown, replayed,
-                        f", {self.dropped} dropped (over {MAX_PENDING})" if self.dropped else "")  # fmt: skip
+            log.warning("budgets: the budget store %s is reachable again; %d settlement(s) replayed%s", self.shown,
+                        replayed, f", {self.dropped} dropped (over {MAX_PENDING})" if self.dropped else "")  # fmt: skip
             self.dropped = 0
             return
 
@@ -244,6 +254,7 @@ class RedisStore:
     # -- seeding ---------------------------------------------------------------------------------
 
     def open(self, run_id: str) -> None:
+        self._known.add(run_id)
         if run_id not in self._seeds and self.up:
             task = asyncio.get_running_loop().create_task(self._seed(run_id), name=f"budget-seed-{run_id}")
             task.add_done_callback(_retrieved)  # a failed seed is reported to the call that awaits it, if any
