@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets as pysecrets
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import redact
 from proxy.app import SINK, make_app
-from proxy.config import Access, Config, Timeouts, Upstream
+from proxy.config import Access, Config, Timeouts, Upstream, resolve_env
 from tests.conftest import settle, track_handlers
 
 
@@ -103,7 +102,7 @@ async def test_no_canary_and_no_secret_leaves_the_proxy(tmp_path: Path, caplog: 
         flush_interval_s=0.05,
         access=Access(proxy_keys=(proxy_key,), admin_token=admin),
     )
-    proxy = TestServer(track_handlers(make_app(replace(cfg))), host="127.0.0.1")
+    proxy = TestServer(track_handlers(make_app(resolve_env(cfg))), host="127.0.0.1")
     await proxy.start_server()
     client_bodies: list[bytes] = []
     try:
