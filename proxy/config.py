@@ -589,12 +589,7 @@ def _prices(raw: Any) -> tuple[Path | None, tuple[CustomPrice, ...]]:
 def _ship_env(raw: dict[str, Any], key: str, path: str) -> tuple[str | None, str]:
     """(the variable's name, its value) for a *_env key of ship; read here, at load, like every setting."""
     name = _str(raw, key, path, None)
-    if name is None:
-        return None, ""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        raise _fail(f"{path}{key}", f"environment variable {name} is not set")
-    return name, value
+    return (None, "") if name is None else (name, _from_env(name, f"{path}{key}"))
 
 
 def _ship_common(raw: dict[str, Any], path: str, batch_default: int) -> tuple[int, float]:
