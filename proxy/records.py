@@ -158,6 +158,16 @@ class Record:
             return orjson.dumps(_clean(dataclasses.asdict(self)), option=orjson.OPT_APPEND_NEWLINE)
 
 
+def from_line(line: bytes) -> Record:
+    """The Record a line written by Record.to_json holds (after masking, the one its observers must see)."""
+    obj = orjson.loads(line)
+    err = obj.get("error")
+    if err is not None:
+        obj["error"] = ErrorInfo(Category(err["category"]), err["id"], err["detail"])
+    obj["usage_invalid"] = tuple(obj.get("usage_invalid") or ())
+    return Record(**obj)
+
+
 def usage_fields(usage: Usage, source: str, raw: dict[str, Any] | None) -> dict[str, Any]:
     """The record fields that say what a call used: the one place a Usage maps onto a Record."""
     return {

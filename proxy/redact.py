@@ -86,17 +86,34 @@ def credentials(headers: Mapping[str, str]) -> tuple[str, ...]:
 def from_config(cfg: Config) -> Secrets:
     """Every secret the configuration names (the environment's resolved by config.resolve_env)."""
     values: list[str] = []
+
+    def password(raw_url: str | None) -> None:
+        if not raw_url:
+            return
+        try:
+            url = URL(raw_url)
+        except ValueError:
+            return
+        if url.password:
+            values.extend((url.password, url.raw_password or ""))
+
     for up in cfg.upstreams:
         if up.api_key:
             values.append(up.api_key)
         values.extend(v for _, v in up.headers)
-        url = URL(up.base_url)
-        if url.password:
-            values.append(url.password)
-            values.append(url.raw_password or "")
+        password(up.base_url)
     values.extend(cfg.access.proxy_keys)
     if cfg.access.admin_token:
         values.append(cfg.access.admin_token)
+    # The fleet's and the exporter's credentials: never in a record or a log line either.
+    if cfg.budgets.store is not None:
+        password(cfg.budgets.store.url)
+    if cfg.ship.postgres is not None:
+        password(cfg.ship.postgres.url)
+    if cfg.ship.webhook is not None:
+        values.append(cfg.ship.webhook.secret)
+        password(cfg.ship.webhook.url)
+    values.extend(v for _, v in cfg.otel.headers)
     return Secrets(values)
 
 

@@ -215,3 +215,9 @@ async def test_calls_to_a_planted_run_are_refused_as_recording_unavailable(
     assert len(fake_upstream.requests) == sent  # nothing was sent upstream
     assert await _chat(proxy, "fine") == 200
     assert victim.read_bytes() == before
+
+
+def test_from_line_gives_back_the_record() -> None:
+    for rec in (make_record(), make_record(error=ErrorInfo(Category.TIMEOUT, "0123456789ab", "slow"),
+                                           usage_invalid=("input_tokens",), tags={"a": "b"})):  # fmt: skip
+        assert records.from_line(rec.to_json()) == rec

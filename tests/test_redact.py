@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import redact
 from proxy.app import SINK, make_app
-from proxy.config import Access, Config, Timeouts, Upstream, resolve_env
+from proxy.config import Access, Config, Timeouts, Upstream, load, resolve_env
 from tests.conftest import settle, track_handlers
 
 
@@ -152,6 +152,22 @@ async def test_no_canary_and_no_secret_leaves_the_proxy(tmp_path: Path, caplog: 
 def test_base_url_password_is_a_secret() -> None:
     cfg = Config(upstreams=(Upstream(name="u", base_url="http://me:s3cr3t-password@host/v1"),))
     assert "s3cr3t-password" in redact.from_config(cfg).values
+
+
+def test_fleet_and_exporter_credentials_are_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MP_TEST_HOOK_SECRET", "hook-secret-51f0a2")
+    monkeypatch.setenv("MP_TEST_OTEL_HEADERS", "x-honeycomb-team=otel-key-93ad1c")
+    conf = tmp_path / "fleet.yaml"
+    conf.write_text(
+        "budgets: {store: {url: 'redis://u:redis-pw-7c1e@127.0.0.1:6379/0'}}\n"
+        "ship:\n"
+        "  postgres: {url: 'postgresql://u:pg-pw-2b9d@127.0.0.1/db'}\n"
+        "  webhook: {url: 'https://u:hook-pw-c07e@hooks.example/in', secret_env: MP_TEST_HOOK_SECRET}\n"
+        "otel: {enabled: true, headers_env: MP_TEST_OTEL_HEADERS}\n"
+    )
+    values = redact.from_config(load(conf)).values
+    for secret in ("redis-pw-7c1e", "pg-pw-2b9d", "hook-pw-c07e", "hook-secret-51f0a2", "otel-key-93ad1c"):
+        assert secret in values, secret
 
 
 async def test_base_url_password_never_reaches_a_record_a_log_or_the_client(

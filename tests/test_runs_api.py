@@ -148,6 +148,22 @@ async def test_events_deliver_records_written_after_subscribing(proxy: ProxyUnde
     assert api.hub.count == 0
 
 
+async def test_events_carry_the_masked_record_the_file_holds(proxy: ProxyUnderTest) -> None:
+    """A client's key quoted in a tag is masked in the run file: the live stream must not send it either."""
+    key = "sk-client-key-4f1d9a7c2e"
+    c = make_client(proxy, run_id="r-mask", api_key=key)
+    await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # the run exists
+    await proxy.wait_records("r-mask", 1)
+    async with aiohttp.ClientSession() as s, s.get(proxy.url("/runs/r-mask/events")) as resp:
+        assert (await asyncio.wait_for(resp.content.readline(), 5)).startswith(b": subscribed")
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MSG,
+                                        extra_headers={"X-Meter-Tag-Note": f"key {key}"})  # fmt: skip
+        event, data = await asyncio.wait_for(read_event(resp), 5)
+    on_disk = (await proxy.wait_records("r-mask", 2))[1]
+    assert event == "record" and key not in data.decode() and "[redacted]" in on_disk["tags"]["note"]
+    assert orjson.loads(data) == on_disk
+
+
 async def test_events_only_for_their_run_and_keep_alive(proxy: ProxyUnderTest) -> None:
     await make_client(proxy, run_id="r1").chat.completions.create(model="gpt-4o-mini", messages=MSG)
     await proxy.wait_records("r1", 1)
