@@ -217,6 +217,7 @@ def _run_worker(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     app = make_app(cfg, pricebook, multiprocess_dir=multiprocess_dir, shared_budgets=shared_budgets)
+    app.on_startup.append(_freeze_startup_heap)  # after the app's own start-up (cleanup contexts run first)
     app.on_shutdown.append(_hold_further_signals)
     web.run_app(
         app,
@@ -229,6 +230,18 @@ def _run_worker(
         max_field_size=cfg.max_header_bytes,
         max_line_size=cfg.max_header_bytes,
     )
+
+
+async def _freeze_startup_heap(app: object) -> None:
+    """Move everything loaded at start-up (the price table above all: ~2,000 dicts) out of the collector's way.
+
+    Otherwise every full collection walks it: about 15 ms of pause, every second or so under load (the p99).
+    Those objects live as long as the process, so the collector has nothing to gain from them.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 async def _hold_further_signals(app: object) -> None:

@@ -238,3 +238,19 @@ def test_prices_lookup(capsys: object) -> None:
 def test_prices_lookup_of_an_unpriced_model_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prices", "lookup", "house-model-without-a-price-7"]) == 1
     assert "no price" in capsys.readouterr().out
+
+
+async def test_start_up_heap_is_frozen_out_of_full_collections() -> None:
+    """The price table must not be walked by every full collection (the p99 of issue 16)."""
+    import gc
+
+    from proxy.cli import _freeze_startup_heap
+    from proxy.pricing import PriceBook
+
+    book = PriceBook.load()
+    try:
+        await _freeze_startup_heap(object())
+        assert gc.get_freeze_count() > 2000
+        assert not any(gc.is_tracked(o) and o is book for o in gc.get_objects())  # frozen: not in any generation
+    finally:
+        gc.unfreeze()
