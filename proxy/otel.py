@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -58,6 +59,7 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))
 TTFC_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _BATCH = 512
 _DELAY_S = 1.0
+_BUILD_DELAY_S = 0.05  # a call's span is built within this; the export batches wait _DELAY_S
 
 
 class Batcher(Generic[T]):
@@ -138,7 +140,7 @@ class Batcher(Generic[T]):
 class _Ids(IdGenerator):
     """Hands the SDK the ids the proxy chose before the call was sent (its traceparent named them).
 
-    Set just before the span is started, on the loop thread, which is the only thread that starts spans.
+    Set just before the span is started, on the calls thread, which is the only thread that starts spans.
     """
 
     def __init__(self) -> None:
@@ -227,6 +229,8 @@ class OtelExporter:
         self.span_exporter = OTLPSpanExporter(endpoint=_signal_url(cfg, "/v1/traces"), headers=headers,
                                               timeout=timeout)  # fmt: skip
         self.spans: Batcher[ReadableSpan] = Batcher("spans", self._export_spans, cfg.queue_size)
+        self.calls: Batcher[tuple[Record, CallFacts]] = Batcher("calls", self._build, cfg.queue_size, _BUILD_DELAY_S)
+        """Finished calls waiting to become spans, metrics and logs (the only thread that starts spans)."""
         # Never the global providers: several apps (the tests) each have their own.
         self.tracer_provider = TracerProvider(resource=self.resource, id_generator=self._ids,
                                               sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)  # fmt: skip
@@ -269,12 +273,14 @@ class OtelExporter:
         self.spans.start()
         if self.logs is not None:
             self.logs.start()
+        self.calls.start()
 
     async def close(self) -> None:
         """Export what is queued and stop; bounded, so a collector that hangs cannot hold up shutdown."""
         budget = self.cfg.export_timeout_s + 1
 
         def stop() -> None:
+            self.calls.close(budget)  # first: what it builds goes to the other queues
             self.spans.close(budget)
             if self.logs is not None:
                 self.logs.close(budget)
@@ -314,7 +320,21 @@ class OtelExporter:
     # -- the request path (the loop) --------------------------------------------------------
 
     def observe(self, record: Record, facts: CallFacts) -> None:
-        """Span, metrics and log for one finished call: in memory only, export is the threads' job."""
+        """Queue one finished call: its span, metrics and log are built by the calls thread, off the loop.
+
+        Building them in the SDK took about 0.2 ms of the loop's time per call; queuing takes a deque append.
+        """
+        self.calls.put((record, facts))
+
+    def _build(self, batch: list[tuple[Record, CallFacts]]) -> bool:
+        for record, facts in batch:
+            self._build_one(record, facts)
+            # Hand the GIL back after each call: else the loop, waking with work, could wait out the whole
+            # switch interval (5 ms) behind this thread, which would cost the p99 more than building inline.
+            time.sleep(0)
+        return True
+
+    def _build_one(self, record: Record, facts: CallFacts) -> None:
         provider = _provider(record.provider)
         if facts.trace.sampled:
             self._span(record, facts, provider)
@@ -417,7 +437,7 @@ class OtelExporter:
     # -- health ------------------------------------------------------------------------------
 
     def _batchers(self) -> Sequence[Batcher[Any]]:
-        return (self.spans,) if self.logs is None else (self.spans, self.logs)
+        return (self.calls, self.spans) if self.logs is None else (self.calls, self.spans, self.logs)
 
     @property
     def healthy(self) -> bool:
