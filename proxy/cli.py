@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON (schema metering-proxy.report/1)")
     fmt.add_argument("--csv", action="store_true", help="CSV: one row per run and per group")
     rep.add_argument("--html", metavar="FILE", help="also write the run view as one standalone HTML file")
+    rep.add_argument("--price-as", action="append", metavar="MODEL|OLD=NEW",
+                     help="what-if: re-price the recorded tokens at MODEL's rates (OLD=NEW per model; repeatable)")
     rep.add_argument("--db", metavar="URL",
                      help="read the runs from this PostgreSQL calls table (the fleet's records) instead of files")
     rep.add_argument("--config", type=Path,

@@ -23,6 +23,7 @@ import orjson
 
 from proxy.config import RUN_ID_RE
 from proxy.records import UnsafeRunFile, open_run_file
+from proxy.whatif import Repriced, Repricer, WhatIf
 
 SCHEMA = "metering-proxy.report/1"
 BY_FIELDS = ("model", "task", "upstream")
@@ -138,10 +139,10 @@ class Stats:
     __slots__ = (
         "calls", "ok", "input", "cached", "cache_write", "output", "reasoning", "cost", "priced",
         "unknown_cost", "est_cost", "est_calls", "first_start", "last_end", "call_ms", "tps_sum", "tps_n",
-        "dur_max", "ttft_n", "ttft_sum", "ttft_max", "errors", "durations", "ttfts",
+        "dur_max", "ttft_n", "ttft_sum", "ttft_max", "errors", "durations", "ttfts", "whatif",
     )  # fmt: skip
 
-    def __init__(self, samples: bool = True) -> None:
+    def __init__(self, samples: bool = True, whatif: bool = False) -> None:
         self.calls = self.ok = self.input = self.cached = self.cache_write = self.output = self.reasoning = 0
         self.cost = self.est_cost = self.call_ms = self.tps_sum = self.ttft_sum = 0.0
         self.priced = self.unknown_cost = self.est_calls = self.tps_n = self.ttft_n = 0
@@ -152,9 +153,13 @@ class Stats:
         # Exact percentiles need every value; None when only totals are wanted (GET /runs).
         self.durations: array[float] | None = array("d") if samples else None
         self.ttfts: array[float] | None = array("d") if samples else None
+        # report --price-as: the same calls at another model's rates.
+        self.whatif = WhatIf() if whatif else None
 
-    def add(self, c: RecordedCall) -> None:
-        """Fold one call in."""
+    def add(self, c: RecordedCall, repriced: Repriced | None = None) -> None:
+        """Fold one call in (with its what-if outcome when the summary re-prices)."""
+        if self.whatif is not None and repriced is not None:
+            self.whatif.add(c.cost_usd, repriced)
         self.calls += 1
         if c.success:
             self.ok += 1
@@ -208,7 +213,7 @@ class Stats:
     def to_json(self) -> dict[str, Any]:
         """Return the documented JSON shape (calls, tokens, cost_usd, time, duration_ms, ttft_ms, errors)."""
         wall = self.last_end - self.first_start if self.calls else None
-        return {
+        out = {
             "calls": {"total": self.calls, "ok": self.ok, "failed": self.calls - self.ok},
             "tokens": {
                 "input": self.input,
@@ -237,6 +242,9 @@ class Stats:
             "ttft_ms": self._dist(self.ttfts, self.ttft_n, self.ttft_sum, self.ttft_max),
             "errors": dict(sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
+        if self.whatif is not None:
+            out["price_as"] = self.whatif.to_json(self.cost)
+        return out
 
 
 def check_by(spec: str) -> str:
@@ -355,6 +363,7 @@ class RunSummary:
         view_calls: int = 0,
         samples: bool = True,
         source: str | None = None,
+        price_as: Repricer | None = None,
     ) -> None:
         self.path = path
         self.source = source or str(path)
@@ -363,6 +372,8 @@ class RunSummary:
         self.specs = list(dict.fromkeys(by))
         self.samples = samples
         self.view_limit = view_calls
+        self.repricer = price_as
+        """report --price-as: re-prices every call folded in at the mapped models' rates."""
         self._reset(None)
 
     def _reset(self, ino: int | None) -> None:
@@ -371,7 +382,7 @@ class RunSummary:
         self.lineno = 0
         self.mtime = 0.0
         self.tail_note: str | None = None
-        self.stats = Stats(self.samples)
+        self.stats = Stats(self.samples, self.repricer is not None)
         self.reader = LineReader()
         self.breakdowns: dict[str, dict[str | None, Stats]] = {spec: {} for spec in self.specs}
         self._slow: list[tuple[float, int, RecordedCall]] = []
@@ -423,14 +434,15 @@ class RunSummary:
         if taken is None:
             return
         call, obj = taken
-        self.stats.add(call)
+        repriced = self.repricer.price(obj) if self.repricer is not None else None
+        self.stats.add(call, repriced)
         for spec in self.specs:
             key = _group_key(spec, call)
             groups = self.breakdowns[spec]
             group = groups.get(key)
             if group is None:
-                group = groups[key] = Stats(self.samples)
-            group.add(call)
+                group = groups[key] = Stats(self.samples, self.repricer is not None)
+            group.add(call, repriced)
         # Bounded heaps; on ties the earlier call stays (-lineno sorts it higher).
         item = (call.duration_ms, -lineno, call)
         if len(self._slow) < TOP_N:
@@ -495,9 +507,11 @@ def _ordered(groups: dict[str | None, Stats]) -> list[tuple[str | None, Stats]]:
     return sorted(groups.items(), key=lambda kv: (-kv[1].cost, -kv[1].calls, kv[0] is None, kv[0] or ""))
 
 
-def summarize(path: Path, run_id: str, by: Iterable[str] = ("model",), view_calls: int = 0) -> RunSummary:
+def summarize(
+    path: Path, run_id: str, by: Iterable[str] = ("model",), view_calls: int = 0, price_as: Repricer | None = None
+) -> RunSummary:
     """Read a whole run file once and return its summary; view_calls keeps that many recent calls."""
-    summary = RunSummary(path, run_id, by, view_calls)
+    summary = RunSummary(path, run_id, by, view_calls, price_as=price_as)
     summary.update(final=True)
     return summary
 
@@ -539,7 +553,11 @@ def comparison(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 def report_json(summaries: list[RunSummary]) -> dict[str, Any]:
     """Return the whole report document: schema, runs, comparison."""
     runs = [s.to_json() for s in summaries]
-    return {"schema": SCHEMA, "runs": runs, "comparison": comparison(runs)}
+    doc = {"schema": SCHEMA, "runs": runs, "comparison": comparison(runs)}
+    repricer = next((s.repricer for s in summaries if s.repricer is not None), None)
+    if repricer is not None:
+        doc["price_as"] = repricer.head()
+    return doc
 
 
 def records_since(path: Path, since: int) -> Generator[bytes, None, None]:

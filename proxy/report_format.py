@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from proxy import report
+from proxy import report, whatif
 from proxy.records import UnsafeRunFile
 from proxy.report import RunNotFound
 
@@ -86,15 +86,41 @@ def _run_lines(run: dict[str, Any]) -> list[str]:
         f"  ({f['count']:,} calls with a first token)",
         "  errors        " + (", ".join(f"{k} {v:,}" for k, v in run["errors"].items()) or "none"),
     ]
+    if "price_as" in run:
+        out.insert(4, f"  price as      {_price_as_line(run['price_as'])}")
     if run["skipped_lines"]:
         out.append(f"  skipped       {run['skipped_lines']:,} line(s) that are not records:")
         out += [f"                {note}" for note in run["notes"]]
     return out
 
 
+def _price_as_line(p: dict[str, Any]) -> str:
+    """The what-if total next to the recorded one, and which calls it covers."""
+    sign = "+" if p["delta"] > 0 else ("-" if p["delta"] < 0 else "")
+    pct = "" if p["pct"] is None else f", {p['pct']:+.1f}%"
+    line = (f"{_usd(p['total'])} (recorded {_usd(p['recorded'])}; {sign}{_usd(abs(p['delta']))}{pct});"
+            f" {_plural(p['repriced_calls'], 'call')} re-priced")  # fmt: skip
+    if p["no_usage_calls"]:
+        line += f", {_plural(p['no_usage_calls'], 'call')} without usage (failed or none reported: not re-priced)"
+    if p["unpriced_recorded_calls"]:
+        line += f", {_plural(p['unpriced_recorded_calls'], 'call')} unpriced when recorded (re-priced all the same)"
+    if p["kept_calls"]:
+        line += f", {_plural(p['kept_calls'], 'call')} of unmapped models at their recorded cost"
+    return line
+
+
+def _price_as_head(doc: dict[str, Any]) -> list[str]:
+    models = doc["price_as"]["models"]
+    shown = ", ".join(new if old == whatif.ANY else f"{old} -> {new}" for old, new in models.items())
+    return [f"what-if prices: {shown}", f"  note: {doc['price_as']['note']}", ""]
+
+
 def _breakdown_lines(run: dict[str, Any], spec: str) -> list[str]:
     head = [spec, "calls", "ok", "failed", "input", "cached", "output", "reasoning", "cost $", "unpriced",
             "p50 ms", "p95 ms", "max ms", "ttft p50", "tok/s"]  # fmt: skip
+    whatif_col = "price_as" in run
+    if whatif_col:
+        head.insert(9, "as $")
     rows = [
         [g["key"] if g["key"] is not None else NONE_KEY, _num(g["calls"]["total"]), _num(g["calls"]["ok"]),
          _num(g["calls"]["failed"]), _num(g["tokens"]["input"]), _num(g["tokens"]["cached_input"]),
@@ -103,6 +129,9 @@ def _breakdown_lines(run: dict[str, Any], spec: str) -> list[str]:
          _num(g["duration_ms"]["max"]), _num(g["ttft_ms"]["p50"]), _num(g["time"]["tokens_per_second_mean"])]
         for g in run["breakdown"][spec]
     ]  # fmt: skip
+    if whatif_col:
+        for row, g in zip(rows, run["breakdown"][spec], strict=True):
+            row.insert(9, _num(g["price_as"]["total"], 6))
     return [f"by {spec}", *_table(head, rows)]
 
 
@@ -168,7 +197,7 @@ def _side_by_side_lines(doc: dict[str, Any], spec: str) -> list[str]:
 
 def render_text(doc: dict[str, Any], spec: str) -> str:
     """Return the report as aligned text tables."""
-    out: list[str] = []
+    out: list[str] = _price_as_head(doc) if "price_as" in doc else []
     if doc["comparison"] is not None:
         out += _comparison_lines(doc) + [""] + _side_by_side_lines(doc, spec) + [""]
     for run in doc["runs"]:
@@ -185,6 +214,11 @@ CSV_COLUMNS = ("run_id", "by", "group", "calls", "ok", "failed", "input_tokens",
                "ttft_p50_ms", "ttft_p95_ms", "ttft_max_ms", "errors")  # fmt: skip
 
 
+#: Added after CSV_COLUMNS with --price-as.
+PRICE_AS_COLUMNS = ("price_as_cost_usd", "price_as_delta_usd", "price_as_repriced_calls",
+                    "price_as_no_usage_calls", "price_as_unpriced_recorded_calls", "price_as_kept_calls")  # fmt: skip
+
+
 def _csv_row(run_id: str, by: str, group: str, s: dict[str, Any]) -> list[Any]:
     c, t, cost, tm, d, f = s["calls"], s["tokens"], s["cost_usd"], s["time"], s["duration_ms"], s["ttft_ms"]
     errors = ";".join(f"{k}={v}" for k, v in s["errors"].items())
@@ -193,6 +227,9 @@ def _csv_row(run_id: str, by: str, group: str, s: dict[str, Any]) -> list[Any]:
               cost["unknown_calls"], cost["estimated"], cost["estimated_calls"], tm["wall_s"],
               tm["call_time_s"], tm["tokens_per_second_mean"], d["p50"], d["p95"], d["max"], f["p50"],
               f["p95"], f["max"], errors]  # fmt: skip
+    if (p := s.get("price_as")) is not None:
+        values += [p["total"], p["delta"], p["repriced_calls"], p["no_usage_calls"], p["unpriced_recorded_calls"],
+                   p["kept_calls"]]  # fmt: skip
     return ["" if v is None else v for v in values]
 
 
@@ -200,7 +237,7 @@ def render_csv(doc: dict[str, Any], spec: str) -> str:
     """Return one CSV row per run (by='', group='*') and one per group of its breakdown."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(CSV_COLUMNS + (PRICE_AS_COLUMNS if "price_as" in doc else ()))
     for run in doc["runs"]:
         w.writerow(_csv_row(run["run_id"], "", "*", run))
         for g in run["breakdown"][spec]:
@@ -220,6 +257,23 @@ def _database(args: argparse.Namespace) -> str | None:
     return pg.url if pg is not None else None
 
 
+def _repricer(args: argparse.Namespace) -> whatif.Repricer | None:
+    """The --price-as mapping over the price table (--config's file and custom prices); ValueError if unusable."""
+    if not args.price_as:
+        return None
+    mapping = whatif.parse(args.price_as)
+    from proxy.pricing import PriceBook
+
+    if args.config is None:
+        book = PriceBook.load()
+    else:
+        from proxy import config
+
+        cfg = config.load(args.config)
+        book = PriceBook.load(cfg.prices_file, cfg.custom_prices)
+    return whatif.Repricer(book, mapping)
+
+
 def cli(args: argparse.Namespace) -> int:
     """Run `metering-proxy report`; return 0, 1 (unknown run, or a run file that is a symlink) or 2 (bad usage)."""
     try:
@@ -230,10 +284,18 @@ def cli(args: argparse.Namespace) -> int:
     if args.html is not None and len(args.run_ids) != 1:
         print("metering-proxy report: --html takes exactly one run", file=sys.stderr)
         return 2
+    try:
+        repricer = _repricer(args)
+    except ValueError as exc:
+        print(f"metering-proxy report: {exc}", file=sys.stderr)
+        return 2
     runs_dir = Path(args.runs_dir)
     summaries = []
     by = [spec, "model", "task"] if args.html is not None else [spec]
     db = _database(args)
+    if db is not None and repricer is not None:
+        print("metering-proxy report: --price-as reads run files, not --db (not supported yet)", file=sys.stderr)
+        return 2
     if db is not None:
         from proxy import report_db
 
@@ -249,7 +311,8 @@ def cli(args: argparse.Namespace) -> int:
     for run_id in args.run_ids if db is None else ():
         try:
             path = report.run_path(runs_dir, run_id)
-            summaries.append(report.summarize(path, run_id, by, view_calls=report.VIEW_CALLS if args.html else 0))
+            summaries.append(report.summarize(path, run_id, by, view_calls=report.VIEW_CALLS if args.html else 0,
+                                              price_as=repricer))
         except RunNotFound as exc:
             known = report.list_runs(runs_dir)
             hint = (
