@@ -119,7 +119,13 @@ def make_app(
     app[METRICS] = metrics = Metrics(sink, multiprocess_dir=multiprocess_dir)
     store = budget_store.for_config(cfg.budgets, sink, shared_budgets)
     app[budgets.BUDGETS] = tracker = budgets.BudgetTracker(cfg.budgets, sink, pricebook, store)
-    runs = runs_api.RunsApi(cfg.runs_dir, follow_files=multiprocess_dir is not None)
+    pg_cfg = cfg.ship.postgres
+    db = None
+    if pg_cfg is not None and pg_cfg.serve_reads:
+        from proxy.runs_db import PostgresRuns  # the fleet extra: imported only when configured
+
+        db = PostgresRuns(pg_cfg)
+    runs = runs_api.RunsApi(cfg.runs_dir, follow_files=multiprocess_dir is not None, db=db)
     if multiprocess_dir is not None:
         sink.on_flush.append(runs.hub.wake)  # this worker's records: followed as soon as they are written
     # Every feature on the request path, in the order it runs: checks before forwarding, observers after

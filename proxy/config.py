@@ -153,6 +153,8 @@ class ShipPostgres:
     """Most records per COPY transaction."""
     interval_s: float = 1.0
     """How often the run files are looked at when the backlog is empty (interval_ms in the file)."""
+    serve_reads: bool = False
+    """/runs, /runs/{id}, its records and events and /ui read the calls table (the whole fleet), not the files."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,7 +412,7 @@ KEYS: dict[str, frozenset[str]] = {
     "budgets.runs[]": frozenset({"match", "usd", "tokens"}),
     "access": frozenset({"proxy_keys", "proxy_keys_env", "admin_token", "admin_token_env"}),
     "ship": frozenset({"postgres", "webhook", "degraded_after_s", "retry_max_s"}),
-    "ship.postgres": frozenset({"url", "url_env", "batch_size", "interval_ms"}),
+    "ship.postgres": frozenset({"url", "url_env", "batch_size", "interval_ms", "serve_reads"}),
     "ship.webhook": frozenset({"url", "secret_env", "batch_size", "interval_ms", "timeout_s"}),
     "otel": frozenset({"enabled", "endpoint", "protocol", "service_name", "headers_env", "logs",
                        "metrics_interval_s", "queue_size", "export_timeout_s"}),
@@ -609,7 +611,10 @@ def _ship_postgres(raw: Any) -> ShipPostgres:
     if not url.startswith(("postgresql://", "postgres://")):
         raise _fail(f"{path}url", f"must be a postgresql:// URL, or url_env must name one (got {redact_url(url)!r})")
     batch, interval = _ship_common(raw, path, 1000)
-    return ShipPostgres(url=url, url_env=env, batch_size=batch, interval_s=interval)
+    serve_reads = raw.get("serve_reads", False)
+    if not isinstance(serve_reads, bool):
+        raise _fail(f"{path}serve_reads", "must be true or false")
+    return ShipPostgres(url=url, url_env=env, batch_size=batch, interval_s=interval, serve_reads=serve_reads)
 
 
 def _ship_webhook(raw: Any) -> ShipWebhook:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: pg_advisory_xact_lock key for migrations: two proxies starting together migrate one after the other.
 MIGRATION_LOCK = 0x6D657465_72696E67  # "metering"
+#: pg_advisory_xact_lock key taken by every insert into calls until it commits (see _DDL_V2).
+SEQ_LOCK = 0x6D657465_72736571  # "metersq"
 _INT8 = 2**63
 _INT4 = 2**31
 _TEXT_MAX = 1024
@@ -88,8 +90,17 @@ _DDL_V1 = (
     "CREATE INDEX calls_ts ON calls (ts)",
 )  # fmt: skip
 
+#: An arrival order for readers that follow the table (the events stream of ship.postgres.serve_reads). seq
+#: is drawn inside deliver()'s INSERT under SEQ_LOCK, held to commit, so seq order is commit order: a reader
+#: that has seen seq N will never later find a row below N. Existing rows are numbered once, in no set order.
+_DDL_V2 = (
+    "ALTER TABLE calls ADD COLUMN seq bigserial",
+    "CREATE INDEX calls_by_seq ON calls (seq)",
+    "CREATE INDEX calls_run_id_by_seq ON calls (run_id, seq)",
+)
+
 #: Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Only ever append.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_DDL_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_DDL_V1, _DDL_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -218,6 +229,8 @@ class PostgresDestination:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("CREATE TEMPORARY TABLE calls_stage (LIKE calls INCLUDING DEFAULTS) ON COMMIT DROP")
             await conn.copy_records_to_table("calls_stage", records=rows, columns=COLUMN_NAMES)
+            # Only the insert and the commit are serialised across the fleet; the COPY above is not.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQ_LOCK)
             await conn.execute(f"INSERT INTO calls ({columns}) SELECT {columns} FROM calls_stage "
                                "ON CONFLICT (request_id) DO NOTHING")  # fmt: skip
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -21,6 +21,9 @@ from aiohttp import web
 from proxy import errors, report, tail, ui
 from proxy.config import RUN_ID_RE
 from proxy.records import Record, UnsafeRunFile
+
+if TYPE_CHECKING:
+    from proxy.runs_db import PostgresRuns
 
 log = logging.getLogger("metering_proxy.runs")
 
@@ -85,7 +88,7 @@ class EventHub:
         self.count += 1
         return sub
 
-    async def join(self, run_id: str, path: Path) -> Subscriber:
+    async def join(self, run_id: str, path: Path | None) -> Subscriber:
         """Subscribe an events stream to the run whose file is path."""
         return self.subscribe(run_id)
 
@@ -156,8 +159,9 @@ class FollowingHub(EventHub):
         """Look at the followed files now (a flush just wrote some)."""
         self._wake.set()
 
-    async def join(self, run_id: str, path: Path) -> Subscriber:
+    async def join(self, run_id: str, path: Path | None) -> Subscriber:
         """Subscribe from the file's current end on; FileNotFoundError when it went away meanwhile."""
+        assert path is not None
         start = await asyncio.to_thread(tail.size, path)
         sub = self.subscribe(run_id, start)
         if run_id not in self._tails:
@@ -241,28 +245,36 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
 
 
 class RunsApi:
-    """The /runs and /ui handlers over one runs dir, plus the live-events hub."""
+    """The /runs and /ui handlers over one runs dir (or, with db, the fleet's calls table), plus the live-events hub."""
 
-    def __init__(self, runs_dir: Path, follow_files: bool = False) -> None:
+    def __init__(self, runs_dir: Path, follow_files: bool = False, db: PostgresRuns | None = None) -> None:
         self.runs_dir = runs_dir
-        self.hub = FollowingHub() if follow_files else EventHub()
+        self.db = db
+        """Set (ship.postgres.serve_reads): every read goes to the database, none to the runs dir."""
+        self.hub: EventHub = db.hub if db is not None else FollowingHub() if follow_files else EventHub()
         self.keepalive_s = KEEPALIVE_S
         self._totals: dict[str, report.RunSummary] = {}
         self._summaries: dict[tuple[str, tuple[str, ...]], tuple[report.RunSummary, Any, bytes]] = {}
         # One file scan at a time: summaries of huge runs are CPU-heavy and share the CPU with calls.
         self._lock = asyncio.Lock()
 
-    def path(self, request: web.Request) -> tuple[str, Path]:
-        """Return the run id and file of a /runs/{run_id}... request: 400 if invalid, 404 if unknown.
-
-        The id is checked with the proxy's own RUN_ID_RE before it goes near the filesystem (no '/', no
-        leading '.'); a name that is a symlink or no regular file answers 404 like a missing run.
-        """
+    @staticmethod
+    def run_id(request: web.Request) -> str:
+        """Return the run id of a /runs/{run_id}... request, checked with the proxy's own RUN_ID_RE (400 if not)."""
         run_id = request.match_info["run_id"]
         if not RUN_ID_RE.fullmatch(run_id):
             raise errors.InvalidRunId(
                 f"Invalid run id {run_id[:40]!r}: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-',"
                 " not starting with '.'.", param="run_id")  # fmt: skip
+        return run_id
+
+    def path(self, request: web.Request) -> tuple[str, Path]:
+        """Return the run id and file of a /runs/{run_id}... request: 400 if invalid, 404 if unknown.
+
+        The id is checked before it goes near the filesystem (no '/', no leading '.'); a name that is a
+        symlink or no regular file answers 404 like a missing run.
+        """
+        run_id = self.run_id(request)
         try:
             return run_id, report.run_path(self.runs_dir, run_id)
         except report.RunNotFound:
@@ -292,6 +304,8 @@ class RunsApi:
 
     async def list_runs(self, request: web.Request) -> web.Response:
         """GET /runs: every run with its totals, most recently written first."""
+        if self.db is not None:
+            return _json({"runs": await self.db.list_totals()})
         async with self._lock:
             runs = await asyncio.to_thread(self._all_totals)
         return _json({"runs": runs})
@@ -315,6 +329,10 @@ class RunsApi:
 
     async def summary(self, request: web.Request) -> web.Response:
         """GET /runs/{run_id}[?by=model&by=task]: the report --json document for one run."""
+        if self.db is not None:
+            specs = _by_specs(request)
+            body = await self.db.summary(self.run_id(request), specs)
+            return web.Response(body=body, content_type="application/json")
         run_id, path = self.path(request)
         specs = _by_specs(request)
         async with self._lock:
@@ -330,6 +348,8 @@ class RunsApi:
 
     async def records(self, request: web.Request) -> web.StreamResponse:
         """GET /runs/{run_id}/records[?since=N][&limit=M]: JSONL from the N-th record (0-based) on."""
+        if self.db is not None:
+            return await self._db_records(request)
         run_id, path = self.path(request)
         since = _int_param(request, "since", 0)
         limit = _int_param(request, "limit", None)
@@ -358,11 +378,33 @@ class RunsApi:
                 pass  # still running in its thread (we were cancelled): it closes when collected
         return resp
 
+    async def _db_records(self, request: web.Request) -> web.StreamResponse:
+        assert self.db is not None
+        run_id = self.run_id(request)
+        since = _int_param(request, "since", 0)
+        limit = _int_param(request, "limit", None)
+        assert since is not None
+        batches = await self.db.records(run_id, since, limit)  # the first batch is read: errors come now
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "X-Run-Id": run_id,
+                                           "Cache-Control": "no-store"})  # fmt: skip
+        await resp.prepare(request)
+        try:
+            async for batch in batches:
+                await resp.write(b"".join(batch))
+        except errors.ProxyError as exc:
+            # The status went out with the first batch: cut the body short rather than end it as if complete.
+            log.warning("runs: records of %s cut short: %s", run_id, exc.message)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
     # -- GET /runs/{run_id}/events ---------------------------------------------------------
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """GET /runs/{run_id}/events: Server-Sent Events, one 'record' event per new record."""
-        run_id, path = self.path(request)
+        run_id, path = (self.run_id(request), None) if self.db is not None else self.path(request)
         if self.hub.count >= MAX_SUBSCRIBERS:
             raise TooManySubscribers(
                 f"Too many event streams open (at most {MAX_SUBSCRIBERS}); try again later.",
@@ -409,6 +451,11 @@ class RunsApi:
         self.hub.close_all("shutdown")
         await self.hub.stop()
 
+    async def on_cleanup(self, app: web.Application) -> None:
+        """Close the database pool, once no handler can use it."""
+        if self.db is not None:
+            await self.db.close()
+
 
 RUNS_API = web.AppKey("runs_api", RunsApi)
 
@@ -422,3 +469,4 @@ def install(app: web.Application, api: RunsApi) -> None:
     app.router.add_get("/runs/{run_id}/events", api.events)
     app.router.add_get("/ui", ui.handle)
     app.on_shutdown.append(api.on_shutdown)
+    app.on_cleanup.append(api.on_cleanup)

@@ -96,7 +96,7 @@ async def test_records_through_a_real_proxy_arrive_once_with_their_values(
             if name not in ("ts", "tags", "record", "shipped_by") and not name.startswith("error_"):
                 assert _same(got[name], rec[name]), (name, got[name], rec[name])
     assert {r["run_id"] for r in rows.values()} == {"pg-run", None}
-    assert [r["version"] for r in await fetch(url, "SELECT version FROM metering_proxy_schema")] == [1]
+    assert [r["version"] for r in await fetch(url, "SELECT version FROM metering_proxy_schema")] == [1, 2]
 
 
 async def _has(url: str, n: int) -> bool:
@@ -113,10 +113,10 @@ async def test_migrations_run_once_when_proxies_start_together(pg_module: PgServ
     finally:
         for c in conns:
             await c.close()
-    assert [r["version"] for r in await fetch(url, "SELECT version FROM metering_proxy_schema")] == [1]
+    assert [r["version"] for r in await fetch(url, "SELECT version FROM metering_proxy_schema")] == [1, 2]
     cols = [r["column_name"] for r in await fetch(
         url, "SELECT column_name FROM information_schema.columns WHERE table_name = 'calls' ORDER BY ordinal_position")]
-    assert cols == [*pg.COLUMN_NAMES, "shipped_at"]
+    assert cols == [*pg.COLUMN_NAMES, "shipped_at", "seq"]
 
 
 async def test_hostile_values_never_wedge_the_shipper(tmp_path: Path, pg_module: PgServer) -> None:  # noqa: F811
