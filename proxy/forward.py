@@ -400,7 +400,7 @@ class Forwarder:
         meter = call.meter
         billed = call.ttfb is not None and call.status < 400
         usage, source = settle(meter.usage(), final=meter.usage_final, output_chars=meter.output_chars,
-                               request=call.request_obj, billed=billed)  # fmt: skip
+                               request=call.request_obj, billed=billed, tool_counts=meter.tool_counts)  # fmt: skip
         if call.error is None and meter.error_category is not None:
             call.fail(meter.error_category, meter.error_detail or "error in the response")
         provider = call.provider

@@ -53,7 +53,7 @@ class Meter:
     __slots__ = (
         "dialect", "spec", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
-        "service_tier", "response_id", "usage_final", "_anthropic_usage", "_overhead", "_line",
+        "service_tier", "response_id", "usage_final", "tool_counts", "_anthropic_usage", "_overhead", "_line",
     )  # fmt: skip
 
     def __init__(self, dialect: str, strip_usage: bool = False) -> None:
@@ -76,6 +76,9 @@ class Meter:
         self.service_tier: str | None = None
         self.response_id: str | None = None
         """The response's own id (chatcmpl-..., msg_..., resp_...): gen_ai.response.id on the call's span."""
+        self.tool_counts: dict[str, int] = {}
+        """Server-side tool calls counted from the response's items (Responses ``web_search_call``...,
+        Anthropic ``server_tool_use`` blocks): what usage() falls back on when the usage block has none."""
         self._anthropic_usage: dict[str, Any] | None = None
         self.usage_final = True
         self._overhead = -1
@@ -242,6 +245,8 @@ class Meter:
                 self.output_chars += _text_len(delta.get(field))
                 if self.first_output_at is None:
                     self.first_output_at = now
+        elif kind == "content_block_start":
+            self._count_anthropic_block(obj.get("content_block"))
         elif kind == "message_start":
             message = _as_dict(obj.get("message"))  # not `or {}`: a non-dict must not raise
             if isinstance(message.get("model"), str):
@@ -265,6 +270,12 @@ class Meter:
         elif kind == "error":
             self._error_from(obj)
 
+    def _count_anthropic_block(self, block: Any) -> None:
+        block = _as_dict(block)
+        name = block.get("name")
+        if block.get("type") == "server_tool_use" and isinstance(name, str) and name in U.ANTHROPIC_SERVER_TOOLS:
+            self.tool_counts[name] = self.tool_counts.get(name, 0) + 1
+
     def _responses_event(self, kind: Any, obj: dict[str, Any], now: float) -> None:
         if not isinstance(kind, str):
             return
@@ -274,9 +285,15 @@ class Meter:
                 self.output_chars += len(delta) if isinstance(delta, str) else 1
                 if self.first_output_at is None:
                     self.first_output_at = now
+        elif kind == "response.output_item.done":
+            # Counted as they finish, so a stream cut before response.completed still shows its searches.
+            for name, n in U.responses_tool_calls([obj.get("item")]).items():
+                self.tool_counts[name] = self.tool_counts.get(name, 0) + n
         elif kind in ("response.completed", "response.incomplete", "response.failed", "response.created"):
             response = _as_dict(obj.get("response"))  # not `or {}`: a non-dict must not raise
             self._responses_object(response)
+            if kind != "response.created" and isinstance(response.get("output"), list):
+                self.tool_counts = U.responses_tool_calls(response["output"])  # the whole list: it wins
             self.done = kind != "response.created"
             if kind == "response.failed":
                 err = _as_dict(response.get("error"))
@@ -350,6 +367,7 @@ class Meter:
     def _responses_body(self, obj: dict[str, Any]) -> None:
         self._responses_object(obj)
         self.output_chars += _text_len(obj.get("output"))
+        self.tool_counts = U.responses_tool_calls(obj.get("output"))
 
     def _anthropic_body(self, obj: dict[str, Any]) -> None:
         if isinstance(obj.get("model"), str):
@@ -359,7 +377,10 @@ class Meter:
             self.usage_raw = obj["usage"]
         if isinstance(obj.get("stop_reason"), str):
             self.finish_reason = obj["stop_reason"]
-        self.output_chars += _text_len(obj.get("content"))
+        content = obj.get("content")
+        self.output_chars += _text_len(content)
+        for block in content if isinstance(content, list) else ():
+            self._count_anthropic_block(block)
 
     def _chat_body(self, obj: dict[str, Any]) -> None:
         if isinstance(obj.get("model"), str):
@@ -380,7 +401,9 @@ class Meter:
     def usage(self) -> U.Usage | None:
         """Return the normalised usage the upstream reported, or None if it reported none."""
         raw = self.usage_raw
-        return None if raw is None else self.spec.usage(raw, self.service_tier)
+        if raw is None:
+            return None
+        return U.with_tool_calls(self.spec.usage(raw, self.service_tier), self.tool_counts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.config import CustomPrice, price_cache_path
-from proxy.usage import MAX_RATE_PER_TOKEN, MAX_TOKENS_PER_CALL, Usage, valid_cost
+from proxy.usage import MAX_RATE_PER_TOKEN, MAX_SERVER_TOOL_CALLS, MAX_TOKENS_PER_CALL, Usage, valid_cost
 
 log = logging.getLogger("metering_proxy.pricing")
 
@@ -31,6 +31,23 @@ _THRESHOLD = re.compile(r"_above_(\d+)k_tokens")
 _SUFFIX = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{2}-\d{2}|\d{4}|0\d\d|latest|v\d+:\d+)$")
 # Provider names as upstreams are often called, where the table spells the prefix differently.
 _ALIAS = {"together": "together_ai", "fireworks": "fireworks_ai", "google": "gemini", "vertex": "vertex_ai"}
+#: Per-call fees the price table spells, by server tool: (entry field, how many calls that price is for).
+_FEE_FIELDS = {
+    "web_search": ("search_context_cost_per_query", 1),
+    "file_search": ("file_search_cost_per_1k_calls", 1000),
+}
+#: search_context_cost_per_query is keyed by the request's search_context_size; medium is OpenAI's default, and
+#: every OpenAI and Anthropic entry in the bundled table has one rate for all three sizes.
+_CONTEXT_SIZE = "search_context_size_medium"
+PROVIDER_TOOL_FEES: dict[tuple[str, str], float] = {
+    ("anthropic", "web_search"): 0.01,  # $10 per 1,000 searches (Anthropic's web search tool pricing)
+    ("anthropic", "web_fetch"): 0.0,  # no charge beyond the tokens of the fetched content (web fetch tool docs)
+    ("openai", "file_search"): 0.0025,  # $2.50 per 1,000 tool calls (openai.com/api/pricing, Responses API)
+}
+"""USD per call a provider publishes for a server tool, used when the matched table entry has no fee field for
+it; (provider, tool) pairs not here and not in the table are unknown (cost_unpriced), never 0."""
+MAX_FEE_PER_CALL = 1.0
+"""The largest per-call tool fee believed from the table, in USD: about 30x the priciest in it ($0.035)."""
 _WARN_LIMIT = 1000  # distinct unknown model names warned about; names can come from clients
 _MEMO_LIMIT = 4096  # model names can come from clients; keep the memo from growing without bound
 
@@ -79,8 +96,37 @@ class Cost:
     cost_usd: float | None
     cost_source: str | None
     price_model: str | None
-    breakdown: dict[str, float] | None
+    breakdown: dict[str, Any] | None
     upstream_cost_usd: float | None
+    unpriced: tuple[str, ...] = ()
+    """Server tools whose fee cost_usd leaves out: their rate or their count is unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFee:
+    """The per-call fee of one server tool, and where it came from."""
+
+    usd_per_call: float
+    source: str
+    """``price_table:<field>`` or ``<provider> published price``."""
+
+
+def tool_fee(tool: str, entry: dict[str, Any] | None, provider: str | None) -> ToolFee | None:
+    """A server tool's per-call fee: the matched table entry's field, else the provider's published one."""
+    if entry is not None and (spec := _FEE_FIELDS.get(tool)) is not None:
+        field, per = spec
+        value = entry.get(field)
+        if isinstance(value, dict):
+            sizes = {v for v in value.values() if _num(v) is not None}
+            value = value.get(_CONTEXT_SIZE, next(iter(sizes)) if len(sizes) == 1 else None)
+        rate = _num(value)
+        if rate is not None and 0 <= rate / per <= MAX_FEE_PER_CALL:
+            return ToolFee(rate / per, f"price_table:{field}")
+    table_provider = entry.get("litellm_provider") if entry is not None else None
+    for who in (provider, table_provider):
+        if isinstance(who, str) and (fee := PROVIDER_TOOL_FEES.get((who.lower(), tool))) is not None:
+            return ToolFee(fee, f"{who.lower()} published price")
+    return None
 
 
 def priced_entry(key: str, entry: Any) -> bool:
@@ -247,6 +293,7 @@ class PriceBook:
         rates: _Rates | None = None
         price_model: str | None = None
         source: str | None = None
+        entry: dict[str, Any] | None = None
         embedding = dialect == "embeddings"
         for name in (model, requested_model):
             if (custom := self._custom_for(name, upstream)) is not None:
@@ -272,10 +319,19 @@ class PriceBook:
                 )
             return Cost(None, None, None, None, None)
         parts = _breakdown(usage, rates, embedding)
-        breakdown = {k: round(v, 10) for k, v in parts.items()}
-        if upstream_cost is not None:
+        breakdown: dict[str, Any] = {k: round(v, 10) for k, v in parts.items()}
+        fees: float = 0.0
+        unpriced: tuple[str, ...] = ()
+        if usage.server_tool_calls:
+            if entry is None:  # a custom price spells no tool fees: the table's entry for the model may
+                for name in (model, requested_model):
+                    if (hit := self.match(name, provider=provider)) is not None:
+                        entry = hit[1]
+                        break
+            fees, unpriced = _tool_fees(usage, entry, provider, breakdown)
+        if upstream_cost is not None:  # the upstream's charge includes its own tool fees
             return Cost(upstream_cost, "upstream", price_model, breakdown, upstream_cost)
-        return Cost(round(sum(parts.values()), 10), source, price_model, breakdown, None)
+        return Cost(round(sum(parts.values()) + fees, 10), source, price_model, breakdown, None, unpriced)
 
     def explain(self, model: str, upstream: str | None = None, provider: str | None = None) -> Explanation:
         """Which price applies to a model, and at what rates (for `prices lookup`)."""
@@ -322,6 +378,27 @@ class Explanation:
     @property
     def priced(self) -> bool:
         return self.rates is not None
+
+
+def _tool_fees(usage: Usage, entry: dict[str, Any] | None, provider: str | None,
+               breakdown: dict[str, Any]) -> tuple[float, tuple[str, ...]]:  # fmt: skip
+    """Add ``tool_fees`` (null when any is unknown) and ``tool_fee_detail`` to breakdown; return the known
+    fees' sum and the tools left unpriced."""
+    known = 0.0
+    unpriced: list[str] = []
+    detail: dict[str, dict[str, Any]] = {}
+    for tool, calls in usage.server_tool_calls:
+        fee = tool_fee(tool, entry, provider)
+        usd = None if fee is None or calls is None else round(min(calls, MAX_SERVER_TOOL_CALLS) * fee.usd_per_call, 10)
+        detail[tool] = {"calls": calls, "usd_per_call": fee and fee.usd_per_call, "usd": usd,
+                        "rate_source": fee and fee.source}  # fmt: skip
+        if usd is None:
+            unpriced.append(tool)
+        else:
+            known += usd
+    breakdown["tool_fees"] = None if unpriced else round(known, 10)
+    breakdown["tool_fee_detail"] = detail
+    return known, tuple(unpriced)
 
 
 def _breakdown(usage: Usage, rates: _Rates, embedding: bool) -> dict[str, float]:

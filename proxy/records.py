@@ -142,10 +142,14 @@ class Record:
     cost_usd: float | None = None
     cost_source: str | None = None
     price_model: str | None = None
-    cost_breakdown: dict[str, float] | None = None
+    cost_breakdown: dict[str, Any] | None = None
     upstream_cost_usd: float | None = None
     service_tier: str | None = None
     usage_invalid: tuple[str, ...] = ()
+    server_tool_calls: dict[str, int | None] | None = None
+    """Server-side tool calls billed per call (``{"web_search": 3}``); null when none ran."""
+    cost_unpriced: tuple[str, ...] = ()
+    """Server tools whose fee cost_usd leaves out because its rate (or count) is unknown."""
 
     def to_json(self) -> bytes:
         """Return the record as one JSON line, newline included."""
@@ -165,6 +169,7 @@ def from_line(line: bytes) -> Record:
     if err is not None:
         obj["error"] = ErrorInfo(Category(err["category"]), err["id"], err["detail"])
     obj["usage_invalid"] = tuple(obj.get("usage_invalid") or ())
+    obj["cost_unpriced"] = tuple(obj.get("cost_unpriced") or ())
     return Record(**obj)
 
 
@@ -184,6 +189,7 @@ def usage_fields(usage: Usage, source: str, raw: dict[str, Any] | None) -> dict[
         "usage_invalid": usage.invalid,
         "upstream_cost_usd": usage.upstream_cost_usd,
         "service_tier": usage.service_tier,
+        "server_tool_calls": dict(usage.server_tool_calls) or None,
     }
 
 
@@ -194,6 +200,7 @@ def cost_fields(cost: Cost | None) -> dict[str, Any]:
         "cost_source": cost.cost_source if cost else None,
         "price_model": cost.price_model if cost else None,
         "cost_breakdown": cost.breakdown if cost else None,
+        "cost_unpriced": cost.unpriced if cost else (),
     }
 
 

@@ -24,6 +24,14 @@ MAX_RATE_PER_TOKEN = 1.0
 """The largest price believed, in USD per token ($1M per million): about 100x the priciest rate in the
 table ($0.0097). A larger (or negative, or NaN) table rate is ignored as if the entry lacked it; a custom
 price above it is a config error. With counts held to MAX_TOKENS_PER_CALL, every cost is then finite."""
+MAX_SERVER_TOOL_CALLS = 10_000
+"""The largest count of one server-side tool's calls (web searches, fetches...) believed for one call. Anthropic
+stops a request's searches at the tool's ``max_uses`` and real agent turns run tens; at the table's priciest
+per-call fee ($0.035) this bound is $350, so a garbage count cannot price one call like a year of searching."""
+MAX_SERVER_TOOLS = 16
+"""Distinct server-side tools kept per call (Anthropic reports two today); more is garbage that would bloat the
+record."""
+_MAX_TOOL_NAME = 64
 USAGE_RAW_MAX_BYTES = 8 * 1024
 """A record's ``usage_raw`` at most this many bytes of JSON (real usage blocks are well under 1 KiB)."""
 USAGE_RAW_MAX_STRING = 256
@@ -33,9 +41,18 @@ _MAX_DEPTH = 8  # a usage block nests 2-3 levels; orjson writes at most 255, so 
 
 FIELDS = (
     "input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
-    "output_tokens", "reasoning_tokens", "total_tokens", "upstream_cost_usd",
+    "output_tokens", "reasoning_tokens", "total_tokens", "upstream_cost_usd", "server_tool_calls",
 )  # fmt: skip
 """The fields of Usage an upstream's value can be rejected for, in the order ``Usage.invalid`` lists them."""
+
+ToolCalls = tuple[tuple[str, int | None], ...]
+"""Server-side tool calls by tool name (``web_search``, ``web_fetch``, ``file_search``...), in the order
+reported; a count of None was reported but not believable (see Usage.invalid)."""
+#: OpenAI Responses output items that are billed per call, and the tool name each is counted under.
+#: code_interpreter_call is left out: it is billed per container session, not per call.
+RESPONSES_BILLED_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_search"}
+#: Anthropic ``server_tool_use`` content-block names counted when no usage block says how many ran.
+ANTHROPIC_SERVER_TOOLS = frozenset({"web_search", "web_fetch"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +79,9 @@ class Usage:
     """The charge the upstream reported itself (OpenRouter ``usage.cost``), if any and believable."""
     service_tier: str | None = None
     """The service tier the upstream says it used (priority, flex, batch, ...)."""
+    server_tool_calls: ToolCalls = ()
+    """Server-side tool calls the upstream ran and bills per call (Anthropic ``server_tool_use``, OpenAI
+    Responses ``web_search_call``/``file_search_call`` items); tools with a count of 0 are left out."""
     invalid: tuple[str, ...] = ()
     """Fields (names from FIELDS) whose upstream value was present but rejected: negative, not finite, not a
     number (strings and bools included) or over MAX_TOKENS_PER_CALL / MAX_UPSTREAM_COST_USD. A rejected count
@@ -124,6 +144,65 @@ class _Reader:
         return tuple(f for f in FIELDS if f in self.bad)
 
 
+def valid_tool_count(value: Any) -> int | None:
+    """A server-side tool call count, believed like a token count but bounded by MAX_SERVER_TOOL_CALLS."""
+    out = valid_count(value)
+    return out if out is not None and out <= MAX_SERVER_TOOL_CALLS else None
+
+
+def tool_calls(counts: dict[str, Any]) -> tuple[ToolCalls, bool]:
+    """Server-side tool counts as Usage keeps them, and whether one was present but not believable.
+
+    Zero counts are dropped (no call, no fee); a rejected count is kept as None, so the record shows the
+    tool ran an unknown number of times and its fee is unknown, never 0.
+    """
+    out: list[tuple[str, int | None]] = []
+    bad = False
+    for name, value in counts.items():
+        if len(out) >= MAX_SERVER_TOOLS:
+            bad = True  # more tools than any upstream reports: the rest is garbage
+            break
+        if not isinstance(name, str) or not name or len(name) > _MAX_TOOL_NAME or value is None:
+            continue
+        count = valid_tool_count(value)
+        if count is None:
+            bad = True
+            out.append((name, None))
+        elif count:
+            out.append((name, count))
+    return tuple(out), bad
+
+
+def _anthropic_tools(raw: dict[str, Any], r: _Reader) -> ToolCalls:
+    """``server_tool_use``: ``web_search_requests``, ``web_fetch_requests``, and any later ``<tool>_requests``."""
+    block = _dict(raw.get("server_tool_use"))
+    counts = {k.removesuffix("_requests"): v for k, v in block.items()
+              if isinstance(k, str) and k.endswith("_requests")}  # fmt: skip
+    found, bad = tool_calls(counts)
+    if bad:
+        r.bad.add("server_tool_calls")
+    return found
+
+
+def responses_tool_calls(output: Any) -> dict[str, int]:
+    """Count a Responses ``output`` list's items that are billed per call, by tool name."""
+    counts: dict[str, int] = {}
+    for item in output if isinstance(output, list) else ():
+        name = RESPONSES_BILLED_ITEMS.get(item.get("type")) if isinstance(item, dict) else None  # type: ignore[arg-type]
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def with_tool_calls(usage: Usage, counts: dict[str, int]) -> Usage:
+    """Usage with counted tool calls filled in, unless its own usage block already reported some."""
+    if usage.server_tool_calls or not counts:
+        return usage
+    found, bad = tool_calls(counts)
+    invalid = set(usage.invalid) | ({"server_tool_calls"} if bad else set())
+    return dataclasses.replace(usage, server_tool_calls=found, invalid=tuple(f for f in FIELDS if f in invalid))
+
+
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -157,6 +236,7 @@ def from_anthropic(raw: dict[str, Any], service_tier: str | None = None) -> Usag
     reasoning = r.count(details.get("thinking_tokens") or details.get("reasoning_tokens"), "reasoning_tokens")
     total_in = uncached + cache_read + cache_write
     tier = raw.get("service_tier") if isinstance(raw.get("service_tier"), str) else service_tier
+    tools = _anthropic_tools(raw, r)
     return Usage(
         input_tokens=total_in,
         cached_input_tokens=cache_read,
@@ -167,6 +247,7 @@ def from_anthropic(raw: dict[str, Any], service_tier: str | None = None) -> Usag
         reasoning_tokens=reasoning,
         total_tokens=total_in + output,
         service_tier=_tier(tier),
+        server_tool_calls=tools,
         invalid=r.invalid(),
     )
 
@@ -426,12 +507,14 @@ def _all_text(value: Any, depth: int = 0) -> int:
 
 
 def settle(reported: Usage | None, *, final: bool, output_chars: int, request: dict[str, Any] | None,
-           billed: bool) -> tuple[Usage, str]:  # fmt: skip
+           billed: bool, tool_counts: dict[str, int] | None = None) -> tuple[Usage, str]:  # fmt: skip
     """The usage a record shows, and its source: upstream, estimated or none.
 
     reported: what the upstream said (None: nothing); final: False for a stream cut before its final
     usage; output_chars: generated characters seen; billed: the upstream answered and did not fail
-    before any output, so the call costs something even when nothing was reported.
+    before any output, so the call costs something even when nothing was reported; tool_counts: server
+    tool calls counted from the response's items, kept when no usage block reported any (a stream cut
+    after its searches but before its usage still ran, and is billed for, those searches).
     """
     if reported is not None and not final:
         # A stream cut before its final usage: keep the reported input side, estimate output.
@@ -451,4 +534,6 @@ def settle(reported: Usage | None, *, final: bool, output_chars: int, request: d
         fixed = with_estimates(usage, estimate_input_tokens(request or {}), estimate_output_tokens(output_chars))
         if fixed is not usage:
             usage, source = fixed, "estimated"
+    if tool_counts:
+        usage = with_tool_calls(usage, tool_counts)
     return usage, source
