@@ -133,6 +133,10 @@ def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+_USD_UNITS = 10**10
+_MICRO = 10**6
+
+
 class Stats:
     """Counters for a set of calls (a run or one group of a breakdown), folded in one call at a time."""
 
@@ -144,7 +148,10 @@ class Stats:
 
     def __init__(self, samples: bool = True, whatif: bool = False) -> None:
         self.calls = self.ok = self.input = self.cached = self.cache_write = self.output = self.reasoning = 0
-        self.cost = self.est_cost = self.call_ms = self.tps_sum = self.ttft_sum = 0.0
+        # Sums of floats as integers of fixed units (1e-10 USD, as records round cost_usd; 1e-6 ms; 1e-6
+        # tokens/s): exact, so the figures do not depend on the order the calls are read in (a run file's
+        # order, or the database's across hosts).
+        self.cost = self.est_cost = self.call_ms = self.tps_sum = self.ttft_sum = 0
         self.priced = self.unknown_cost = self.est_calls = self.tps_n = self.ttft_n = 0
         self.first_start = math.inf
         self.last_end = -math.inf
@@ -169,10 +176,11 @@ class Stats:
         self.output += c.output_tokens
         self.reasoning += c.reasoning_tokens
         if c.cost_usd is not None:
-            self.cost += c.cost_usd
+            units = round(c.cost_usd * _USD_UNITS)
+            self.cost += units
             self.priced += 1
             if c.estimated:
-                self.est_cost += c.cost_usd
+                self.est_cost += units
         elif c.input_tokens or c.output_tokens:
             self.unknown_cost += 1
         if c.estimated:
@@ -182,15 +190,15 @@ class Stats:
         end = c.start + c.duration_ms / 1000
         if end > self.last_end:
             self.last_end = end
-        self.call_ms += c.duration_ms
+        self.call_ms += round(c.duration_ms * _MICRO)
         if c.duration_ms > self.dur_max:
             self.dur_max = c.duration_ms
         if c.tokens_per_second is not None:
-            self.tps_sum += c.tokens_per_second
+            self.tps_sum += round(c.tokens_per_second * _MICRO)
             self.tps_n += 1
         if c.ttft_ms is not None:
             self.ttft_n += 1
-            self.ttft_sum += c.ttft_ms
+            self.ttft_sum += round(c.ttft_ms * _MICRO)
             if c.ttft_ms > self.ttft_max:
                 self.ttft_max = c.ttft_ms
             if self.ttfts is not None:
@@ -224,26 +232,26 @@ class Stats:
                 "total": self.input + self.output,
             },  # fmt: skip
             "cost_usd": {
-                "total": round(self.cost, 9),
+                "total": round(self.cost / _USD_UNITS, 9),
                 "priced_calls": self.priced,
                 "unknown_calls": self.unknown_cost,
-                "estimated": round(self.est_cost, 9),
+                "estimated": round(self.est_cost / _USD_UNITS, 9),
                 "estimated_calls": self.est_calls,
             },  # fmt: skip
             "time": {
                 "first_start": iso(self.first_start) if self.calls else None,
                 "last_end": iso(self.last_end) if self.calls else None,
                 "wall_s": _r(wall),
-                "call_time_s": _r(self.call_ms / 1000),
-                "tokens_per_second_mean": _r(self.tps_sum / self.tps_n) if self.tps_n else None,
+                "call_time_s": _r(self.call_ms / _MICRO / 1000),
+                "tokens_per_second_mean": _r(self.tps_sum / _MICRO / self.tps_n) if self.tps_n else None,
                 "output_tokens_per_wall_s": _r(self.output / wall) if wall else None,
             },
-            "duration_ms": self._dist(self.durations, self.calls, self.call_ms, self.dur_max),
-            "ttft_ms": self._dist(self.ttfts, self.ttft_n, self.ttft_sum, self.ttft_max),
+            "duration_ms": self._dist(self.durations, self.calls, self.call_ms / _MICRO, self.dur_max),
+            "ttft_ms": self._dist(self.ttfts, self.ttft_n, self.ttft_sum / _MICRO, self.ttft_max),
             "errors": dict(sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
         if self.whatif is not None:
-            out["price_as"] = self.whatif.to_json(self.cost)
+            out["price_as"] = self.whatif.to_json(self.cost / _USD_UNITS)
         return out
 
 
