@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from proxy.config import price_cache_path
-from proxy.pricing import Explanation, PriceBook, check_table, priced_entry
+from proxy.pricing import SERVER_TOOLS, Explanation, PriceBook, check_table, priced_entry
 
 DEFAULT_PRICES_URL: str = (
     "https://raw.githubusercontent.com/BerriAI/litellm/main/model_prices_and_context_window.json"
@@ -115,4 +115,9 @@ def explanation_text(e: Explanation) -> str:
     if e.tiers:
         lines.append("  tiers (long context, service tier), USD per 1M tokens:")
         lines.extend(f"    {f}: {_pm(rate)}" for f, rate in e.tiers)
+    if e.tool_fees:
+        lines.append("  server tool fees, USD per call:")
+        lines.extend(f"    {tool:<15}${fee.usd_per_call:.6g} ({fee.source})" for tool, fee in e.tool_fees)
+    if unknown := [tool for tool in SERVER_TOOLS if tool not in dict(e.tool_fees)]:
+        lines.append(f"  no fee known for {', '.join(unknown)}: such calls stay out of cost_usd (named in cost_unpriced)")
     return "\n".join(lines)

@@ -46,6 +46,8 @@ PROVIDER_TOOL_FEES: dict[tuple[str, str], float] = {
 }
 """USD per call a provider publishes for a server tool, used when the matched table entry has no fee field for
 it; (provider, tool) pairs not here and not in the table are unknown (cost_unpriced), never 0."""
+SERVER_TOOLS = ("web_search", "web_fetch", "file_search")
+"""The server tools whose fees `prices lookup` shows (any other tool a response names is priced only if known)."""
 MAX_FEE_PER_CALL = 1.0
 """The largest per-call tool fee believed from the table, in USD: about 30x the priciest in it ($0.035)."""
 _WARN_LIMIT = 1000  # distinct unknown model names warned about; names can come from clients
@@ -344,6 +346,7 @@ class PriceBook:
             return Explanation(model, upstream, self.source, close=tuple(self._index[c][0] for c in close),
                                tried_prefix=tried)  # fmt: skip
         key, entry = hit
+        fees = tuple((tool, fee) for tool in SERVER_TOOLS if (fee := tool_fee(tool, entry, provider)) is not None)
         tiers = tuple(sorted(
             (f, _rate(entry[f]) or 0.0) for f in entry
             if f not in _BASES and f.startswith(_BASES) and _rate(entry[f]) is not None
@@ -351,7 +354,7 @@ class PriceBook:
         return Explanation(
             model, upstream, self.source, rates=self._rates(key, entry, 0, None), table_key=key,
             table_provider=str(entry.get("litellm_provider", "?")), mode=str(entry.get("mode", "?")),
-            in_table=frozenset(b for b in _BASES if _rate(entry.get(b)) is not None), tiers=tiers,
+            in_table=frozenset(b for b in _BASES if _rate(entry.get(b)) is not None), tiers=tiers, tool_fees=fees,
         )  # fmt: skip
 
 
@@ -372,6 +375,8 @@ class Explanation:
     """Base rate fields the entry has (the others fall back)."""
     tiers: tuple[tuple[str, float], ...] = ()
     """Long-context and service-tier rate fields, per token."""
+    tool_fees: tuple[tuple[str, ToolFee], ...] = ()
+    """Per-call fees of the server tools this entry (or its provider) has one for."""
     close: tuple[str, ...] = ()
     tried_prefix: str | None = None
 
