@@ -119,5 +119,5 @@ def explanation_text(e: Explanation) -> str:
         lines.append("  server tool fees, USD per call:")
         lines.extend(f"    {tool:<15}${fee.usd_per_call:.6g} ({fee.source})" for tool, fee in e.tool_fees)
     if unknown := [tool for tool in SERVER_TOOLS if tool not in dict(e.tool_fees)]:
-        lines.append(f"  no fee known for {', '.join(unknown)}: such calls stay out of cost_usd (named in cost_unpriced)")
+        lines.append(f"  no fee known for {', '.join(unknown)}: their calls stay out of cost_usd (see cost_unpriced)")
     return "\n".join(lines)
