@@ -126,6 +126,7 @@ def make_app(
 
         db = PostgresRuns(pg_cfg)
     runs = runs_api.RunsApi(cfg.runs_dir, follow_files=multiprocess_dir is not None, db=db)
+    runs.pricebook = pricebook  # GET /runs/{id}?price_as= re-prices with the table calls are priced with
     if multiprocess_dir is not None:
         sink.on_flush.append(runs.hub.wake)  # this worker's records: followed as soon as they are written
     # Every feature on the request path, in the order it runs: checks before forwarding, observers after

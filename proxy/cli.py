@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="read the runs from this PostgreSQL calls table (the fleet's records) instead of files")
     rep.add_argument("--config", type=Path,
                      help="YAML config file: with --db omitted, its ship.postgres database is read if it has one")
+    demo = sub.add_parser("demo", help="try it with no key: a simulated upstream, two runs, a report, the dashboard")
+    demo.add_argument("--port", type=int, default=8787, help="proxy port on 127.0.0.1; 0: any free port (default 8787)")
+    demo.add_argument("--runs-dir", default="runs", help="where the demo runs are written (default ./runs)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the simulated answers and prompts (default 7)")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="exit after printing the report instead of serving the dashboard until Ctrl-C")  # fmt: skip
     return parser
 
 
@@ -92,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "demo":
+            from proxy import demo as demo_cmd
+
+            return demo_cmd.cli(args)
         if args.command == "report":
             from proxy.report_format import cli as report_cli
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy import errors, report, tail, ui
+from proxy import errors, report, tail, ui, whatif
 from proxy.config import RUN_ID_RE
+from proxy.pricing import PriceBook
 from proxy.records import Record, UnsafeRunFile
 
 if TYPE_CHECKING:
@@ -254,7 +255,9 @@ class RunsApi:
         self.hub: EventHub = db.hub if db is not None else FollowingHub() if follow_files else EventHub()
         self.keepalive_s = KEEPALIVE_S
         self._totals: dict[str, report.RunSummary] = {}
-        self._summaries: dict[tuple[str, tuple[str, ...]], tuple[report.RunSummary, Any, bytes]] = {}
+        self._summaries: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[report.RunSummary, Any, bytes]] = {}
+        self.pricebook: PriceBook | None = None
+        """The price table ?price_as= re-prices with (make_app's; the bundled one, loaded when first asked, if none)."""
         # One file scan at a time: summaries of huge runs are CPU-heavy and share the CPU with calls.
         self._lock = asyncio.Lock()
 
@@ -312,12 +315,12 @@ class RunsApi:
 
     # -- GET /runs/{run_id} ----------------------------------------------------------------
 
-    def _summary(self, run_id: str, path: Path, specs: list[str]) -> bytes:
-        key = (run_id, tuple(specs))
+    def _summary(self, run_id: str, path: Path, specs: list[str], price_as: list[str] | None = None) -> bytes:
+        key = (run_id, tuple(specs), tuple(price_as or ()))
         entry = self._summaries.pop(key, None)  # re-inserted below: the dict's order is least recent first
-        summary, seen, body = (
-            entry if entry is not None else (report.RunSummary(path, run_id, specs), None, b"")
-        )
+        if entry is None:
+            entry = (report.RunSummary(path, run_id, specs, price_as=self._repricer(price_as)), None, b"")
+        summary, seen, body = entry
         summary.update(final=False)
         state = (summary.ino, summary.offset, summary.tail_note)
         if state != seen:
@@ -327,6 +330,15 @@ class RunsApi:
             del self._summaries[next(iter(self._summaries))]
         return body
 
+    def _repricer(self, price_as: list[str] | None) -> whatif.Repricer | None:
+        """The ?price_as= what-if pricing (blocking: the price table may be read here, in the summary's thread)."""
+        if not price_as:
+            return None
+        mapping = whatif.parse(price_as)
+        if self.pricebook is None:
+            self.pricebook = PriceBook.load()
+        return whatif.Repricer(self.pricebook, mapping)
+
     async def summary(self, request: web.Request) -> web.Response:
         """GET /runs/{run_id}[?by=model&by=task]: the report --json document for one run."""
         if self.db is not None:
@@ -335,9 +347,12 @@ class RunsApi:
             return web.Response(body=body, content_type="application/json")
         run_id, path = self.path(request)
         specs = _by_specs(request)
+        price_as = request.query.getall("price_as", []) or None
         async with self._lock:
             try:
-                body = await asyncio.to_thread(self._summary, run_id, path, specs)
+                body = await asyncio.to_thread(self._summary, run_id, path, specs, price_as)
+            except ValueError as exc:  # ?price_as=: a model without a price, or not MODEL / OLD=NEW
+                raise errors.BadRequest(str(exc).replace("--price-as", "price_as"), param="price_as") from None
             except FileNotFoundError:
                 raise _unknown(run_id) from None  # removed since path() looked
             except UnsafeRunFile as exc:
