@@ -12,14 +12,16 @@ import aiohttp
 import asyncpg
 import openai
 import orjson
+import pytest
 
 from proxy import report
 from proxy.config import Ship, ShipPostgres
 from tests.conftest import Messages, ProxyFactory, ProxyUnderTest, make_client
 from tests.pg_server import PgServer, new_database, pg_module, pg_own
 from tests.test_report import RUN_A, RUN_B, write_run
+from tests.test_ui import CHROMIUM, chromium, open_page
 
-__all__ = ["pg_module", "pg_own"]  # fixtures, used by name
+__all__ = ["chromium", "pg_module", "pg_own"]  # fixtures, used by name
 
 MSG: Messages = [{"role": "user", "content": "hi"}]
 RUN = "fleet-run"
@@ -239,3 +241,26 @@ async def test_a_database_that_is_down_answers_503_and_calls_go_on(
     await _wait_rows(url, 4)
     status, doc = await _get(host, "/runs")
     assert status == 200 and doc["runs"][0]["calls"]["total"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium package")
+async def test_the_dashboard_on_one_host_shows_the_fleet_total(
+    pg_module: PgServer, make_proxy: ProxyFactory, tmp_path: Path, chromium: int  # noqa: F811
+) -> None:
+    url = await new_database(pg_module)
+    a = await _host(make_proxy, tmp_path, "a", url)
+    b = await _host(make_proxy, tmp_path, "b", url)
+    await _calls(a, RUN, 2)
+    await _calls(b, RUN, 3, offset=2)
+    await _wait_rows(url, 5)
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(session, chromium, a.url(f"/ui?run={RUN}"))
+        try:
+            await page.wait_for("document.body.dataset.live === '1' && document.body.dataset.state === 'ready'")
+            await page.wait_for("document.querySelector('.card .v').innerText === '5'")  # A made 2 of them
+            await _calls(b, RUN, 1, offset=5)  # a call on the other host: followed live from the table
+            await page.wait_for("document.querySelector('.card .v').innerText === '6'", timeout=10)
+            assert await page.eval("document.querySelectorAll('#timeline rect.bar').length") == 6
+        finally:
+            await page.close()
