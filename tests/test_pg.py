@@ -17,7 +17,7 @@ import pytest
 
 from proxy import config as C
 from proxy import pg
-from proxy.shipper import Shipper, Shipping
+from proxy.shipper import Batch, Shipper, Shipping
 from tests.conftest import FakeUpstream, ProxyFactory, make_client, make_record
 from tests.helpers import CHAT, MSG, parse_lines, post, serve
 from tests.pg_server import PgServer, new_database, pg_module, pg_own  # noqa: F401 - fixtures
@@ -97,6 +97,33 @@ async def test_records_through_a_real_proxy_arrive_once_with_their_values(
                 assert _same(got[name], rec[name]), (name, got[name], rec[name])
     assert {r["run_id"] for r in rows.values()} == {"pg-run", None}
     assert [r["version"] for r in await fetch(url, "SELECT version FROM metering_proxy_schema")] == [1, 2]
+
+
+async def test_version_2_numbers_the_rows_of_a_version_1_table_and_new_rows_follow(
+    pg_module: PgServer,  # noqa: F811
+) -> None:
+    url = await new_database(pg_module)
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():  # a database that a version-1 proxy made and filled
+            await conn.execute("CREATE TABLE metering_proxy_schema "
+                               "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+            for statement in pg.MIGRATIONS[0]:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO metering_proxy_schema (version) VALUES (1)")
+        old = [pg.row(orjson.loads(make_record(request_id=f"old{i}").to_json()), "h") for i in range(3)]
+        await conn.copy_records_to_table("calls", records=old, columns=pg.COLUMN_NAMES)
+        assert await pg.migrate(conn) == 2
+    finally:
+        await conn.close()
+    dest = pg.PostgresDestination(C.ShipPostgres(url=url))
+    try:
+        await dest.deliver(Batch("b", [orjson.loads(make_record(request_id="new").to_json())], ()))
+    finally:
+        await dest.close()
+    rows = await fetch(url, "SELECT request_id, seq FROM calls ORDER BY seq")
+    assert sorted(r["request_id"] for r in rows[:3]) == ["old0", "old1", "old2"]
+    assert rows[3]["request_id"] == "new" and len({r["seq"] for r in rows}) == 4
 
 
 async def _has(url: str, n: int) -> bool:
