@@ -221,3 +221,32 @@ async def test_a_run_that_does_not_exist_yet_is_waited_for(make_proxy: ProxyFact
             await page.wait_for(f"{BARS} === 2", timeout=5)
         finally:
             await page.close()
+
+
+@pytest.mark.slow
+async def test_price_as_switch_shows_the_what_if_cost(make_proxy: ProxyFactory, chromium: int, tmp_path: Path) -> None:
+    proxy = await make_proxy(pricebook=PriceBook.load(BUNDLED_PRICES))
+    await asyncio.gather(call(proxy, "gpt-4o", "summarise", 0.05), call(proxy, "gpt-4o", "classify", 0.05))
+    await proxy.wait_records("ui-run", 2)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url("/runs/ui-run?price_as=gpt-4o-mini")) as resp:
+            expected = (await resp.json())["runs"][0]["price_as"]["total"]
+        page = await open_page(session, chromium, proxy.url("/ui?run=ui-run&price_as=gpt-4o-mini"))
+        try:
+            card = await page.wait_for("document.getElementById('price-as-card')?.innerText")
+            assert "Cost as gpt-4o-mini" in card and f"${expected:.6f}" in card and "recorded $" in card
+            assert "as gpt-4o-mini" in await page.eval("document.getElementById('by-model').innerText")
+            await page.screenshot(tmp_path / "price-as.png")
+            shutil.copy(tmp_path / "price-as.png", SCREENSHOT_COPY.with_name("ui-price-as-screenshot.png"))
+            # The form switches to another model; an unknown one says so and shows the recorded run.
+            await page.eval("document.querySelector('#price-as input').value = 'no-such-model-x';"
+                            "document.querySelector('#price-as button').click()")  # fmt: skip
+            await page.wait_for("document.getElementById('price-as-err').innerText.includes('no-such-model-x')")
+            await page.wait_for("!document.getElementById('price-as-card')")
+            await page.eval("document.querySelector('#price-as input').value = 'gpt-4.1';"
+                            "document.querySelector('#price-as button').click()")  # fmt: skip
+            assert "Cost as gpt-4.1" in await page.wait_for(
+                "document.getElementById('price-as-card')?.innerText")
+            assert "price_as=gpt-4.1" in await page.eval("location.search")
+        finally:
+            await page.close()

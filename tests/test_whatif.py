@@ -167,3 +167,32 @@ def test_cli_unknown_or_malformed_model_exits_2(runs: Path, capsys: pytest.Captu
     assert "no price for 'no-such-model-x'" in capsys.readouterr().err
     assert main(["report", "r", "--runs-dir", str(runs), "--price-as", "a="]) == 2
     assert "MODEL or OLD=NEW" in capsys.readouterr().err
+
+
+# -- GET /runs/{id}?price_as= ----------------------------------------------------------------------
+
+
+async def test_runs_endpoint_takes_price_as(tmp_path: Path) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from proxy import runs_api
+    from proxy.app import error_middleware
+
+    runs = tmp_path / "runs"
+    write_run(runs, "r", [CACHED, FAILED])
+    app = web.Application(middlewares=[error_middleware])  # renders the 400 as the proxy does
+    runs_api.install(app, runs_api.RunsApi(runs))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/runs/r", params=[("price_as", "gpt-4.1-mini"), ("by", "task")])
+        doc = await resp.json()
+        assert doc["runs"][0]["price_as"]["total"] == pytest.approx(CACHED_AS_MINI)
+        assert doc["runs"][0]["price_as"]["no_usage_calls"] == 1
+        assert doc["price_as"]["note"] == whatif.TOKENIZER_NOTE
+        assert "price_as" in doc["runs"][0]["breakdown"]["task"][0]
+        plain = await (await client.get("/runs/r")).json()
+        assert "price_as" not in plain and "price_as" not in plain["runs"][0]  # a separate cached summary
+        resp = await client.get("/runs/r", params={"price_as": "no-such-model-x"})
+        assert resp.status == 400
+        body = await resp.json()
+        assert body["error"]["param"] == "price_as" and "no-such-model-x" in body["error"]["message"]
