@@ -49,7 +49,9 @@ class Repriced:
     kind: str
     """'repriced', 'kept' (its model is not mapped) or 'no_usage' (no tokens recorded: failed, or no usage)."""
     cost: float | None = None
-    parts: dict[str, float] | None = None
+    parts: dict[str, Any] | None = None
+    """PriceBook.price's breakdown: input, cached_input, cache_write, output; tool_fees (null when the target
+    has no rate for a tool) and tool_fee_detail when the call ran server-side tools."""
 
 
 _KEPT = Repriced("kept")
@@ -64,10 +66,18 @@ def _opt_count(obj: dict[str, Any], field: str) -> int | None:
     return valid_count(obj.get(field))
 
 
+def _tool_calls(value: Any) -> tuple[tuple[str, int | None], ...]:
+    """A record's server_tool_calls ({tool: count or null}) as Usage holds them, in a stable order."""
+    if not isinstance(value, dict):
+        return ()
+    return tuple(sorted((str(k), valid_count(v)) for k, v in value.items() if isinstance(k, str)))
+
+
 def usage_of(obj: dict[str, Any]) -> Usage:
     """The Usage a record's normalised fields describe (without the upstream's own charge)."""
     tier = obj.get("service_tier")
     return Usage(
+        server_tool_calls=_tool_calls(obj.get("server_tool_calls")),
         input_tokens=_count(obj, "input_tokens"),
         cached_input_tokens=_count(obj, "cached_input_tokens"),
         cache_write_tokens=_count(obj, "cache_write_tokens"),
@@ -124,10 +134,10 @@ class WhatIf:
     """What-if counters for a set of calls (a run or one group), next to its recorded cost."""
 
     __slots__ = ("repriced", "cost", "recorded_of_repriced", "unpriced_recorded", "no_usage", "kept",
-                 "kept_cost", "parts")  # fmt: skip
+                 "kept_cost", "parts", "fees_unpriced")  # fmt: skip
 
     def __init__(self) -> None:
-        self.repriced = self.unpriced_recorded = self.no_usage = self.kept = 0
+        self.repriced = self.unpriced_recorded = self.no_usage = self.kept = self.fees_unpriced = 0
         self.cost = self.recorded_of_repriced = self.kept_cost = 0.0
         self.parts = dict.fromkeys(PARTS, 0.0)
 
@@ -142,8 +152,12 @@ class WhatIf:
         else:
             self.repriced += 1
             self.cost += r.cost or 0.0
-            for part, value in (r.parts or {}).items():
-                self.parts[part] = self.parts.get(part, 0.0) + value
+            parts = r.parts or {}
+            for part, value in parts.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):  # not tool_fee_detail
+                    self.parts[part] = self.parts.get(part, 0.0) + value
+            if "tool_fees" in parts and parts["tool_fees"] is None:
+                self.fees_unpriced += 1
             if recorded is None:
                 self.unpriced_recorded += 1
             else:
@@ -165,4 +179,5 @@ class WhatIf:
             "unpriced_recorded_calls": self.unpriced_recorded,
             "no_usage_calls": self.no_usage,
             "kept_calls": self.kept,
+            "tool_fees_unpriced_calls": self.fees_unpriced,
         }

@@ -144,7 +144,8 @@ def test_cli_json_and_csv_fields(runs: Path, capsys: pytest.CaptureFixture[str])
     assert doc["schema"] == report.SCHEMA  # fields added, nothing bumped
     p = doc["runs"][0]["price_as"]
     assert set(p) == {"total", "recorded", "delta", "pct", "repriced_calls", "repriced_usd", "repriced_recorded_usd",
-                      "breakdown", "unpriced_recorded_calls", "no_usage_calls", "kept_calls"}  # fmt: skip
+                      "breakdown", "unpriced_recorded_calls", "no_usage_calls", "kept_calls",
+                      "tool_fees_unpriced_calls"}  # fmt: skip
     assert main(["report", "r", "--runs-dir", str(runs), "--price-as", "m1=gpt-4.1-mini", "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert float(rows[0]["price_as_cost_usd"]) == pytest.approx(p["total"])
@@ -196,3 +197,13 @@ async def test_runs_endpoint_takes_price_as(tmp_path: Path) -> None:
         assert resp.status == 400
         body = await resp.json()
         assert body["error"]["param"] == "price_as" and "no-such-model-x" in body["error"]["message"]
+
+
+def test_server_tool_calls_are_priced_at_the_targets_fee(tmp_path: Path, book: PriceBook) -> None:
+    # claude-sonnet-4-5: web search $0.01 per call (search_context_cost_per_query in the bundled table)
+    searched = rec("06.000", model="m1", input_tokens=1000, output_tokens=100, server_tool_calls={"web_search": 3},
+                   cost_usd=0.01)  # fmt: skip
+    p = _price_as(tmp_path, [searched], book, "claude-sonnet-4-5")["runs"][0]["price_as"]
+    assert p["total"] == pytest.approx(1000 * 3e-6 + 100 * 1.5e-5 + 3 * 0.01)
+    assert p["breakdown"]["tool_fees"] == pytest.approx(0.03)
+    assert p["tool_fees_unpriced_calls"] == 0
