@@ -360,6 +360,26 @@ def list_runs(runs_dir: Path) -> list[str]:
     return sorted(ids)
 
 
+class _Earlier:
+    """A request id that sorts the lesser id higher: in a top list, the earlier call wins a tie."""
+
+    __slots__ = ("rid",)
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+
+    def __lt__(self, other: _Earlier) -> bool:
+        return self.rid > other.rid
+
+    def __gt__(self, other: _Earlier) -> bool:
+        return self.rid < other.rid
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Earlier) and self.rid == other.rid
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class RunSummary:
     """A run's figures, folded in line by line; update() reads only what was appended since its last call."""
 
@@ -393,8 +413,8 @@ class RunSummary:
         self.stats = Stats(self.samples, self.repricer is not None)
         self.reader = LineReader()
         self.breakdowns: dict[str, dict[str | None, Stats]] = {spec: {} for spec in self.specs}
-        self._slow: list[tuple[float, int, RecordedCall]] = []
-        self._dear: list[tuple[float, int, RecordedCall]] = []
+        self._slow: list[tuple[float, float, _Earlier, RecordedCall]] = []
+        self._dear: list[tuple[float, float, _Earlier, RecordedCall]] = []
         self._recent: deque[dict[str, Any]] = deque(maxlen=self.view_limit)
 
     def update(self, final: bool = True) -> None:
@@ -451,17 +471,19 @@ class RunSummary:
             if group is None:
                 group = groups[key] = Stats(self.samples, self.repricer is not None)
             group.add(call, repriced)
-        # Bounded heaps; on ties the earlier call stays (-lineno sorts it higher).
-        item = (call.duration_ms, -lineno, call)
+        # Bounded heaps; on ties the earlier call stays (by start, then request id: the same whatever order
+        # the calls are read in, a file's or the database's).
+        tie = (-call.start, _Earlier(call.request_id))
+        item = (call.duration_ms, *tie, call)
         if len(self._slow) < TOP_N:
             heapq.heappush(self._slow, item)
-        elif item[:2] > self._slow[0][:2]:
+        elif item[:3] > self._slow[0][:3]:
             heapq.heapreplace(self._slow, item)
         if call.cost_usd is not None:
-            item = (call.cost_usd, -lineno, call)
+            item = (call.cost_usd, *tie, call)
             if len(self._dear) < TOP_N:
                 heapq.heappush(self._dear, item)
-            elif item[:2] > self._dear[0][:2]:
+            elif item[:3] > self._dear[0][:3]:
                 heapq.heapreplace(self._dear, item)
         if self.view_limit:
             self._recent.append({k: obj.get(k) for k in VIEW_FIELDS})
@@ -469,12 +491,12 @@ class RunSummary:
     @property
     def slowest(self) -> list[RecordedCall]:
         """The TOP_N longest calls, longest first."""
-        return [c for *_, c in sorted(self._slow, key=lambda t: t[:2], reverse=True)]
+        return [c for *_, c in sorted(self._slow, key=lambda t: t[:3], reverse=True)]
 
     @property
     def most_expensive(self) -> list[RecordedCall]:
         """The TOP_N costliest priced calls, costliest first."""
-        return [c for *_, c in sorted(self._dear, key=lambda t: t[:2], reverse=True)]
+        return [c for *_, c in sorted(self._dear, key=lambda t: t[:3], reverse=True)]
 
     @property
     def view_calls(self) -> list[dict[str, Any]]:

@@ -428,6 +428,8 @@ def test_figures_do_not_depend_on_the_order_calls_are_read_in(tmp_path: Path) ->
                 cost_usd=round(rnd.uniform(0, 0.01), 10), duration_ms=round(rnd.uniform(1, 9000), 3),
                 ttft_ms=round(rnd.uniform(1, 900), 3), tokens_per_second=round(rnd.uniform(1, 300), 3))
             for i in range(3000)]  # fmt: skip
+    # Ties for the top lists: same cost, same duration, same start; only the request id tells them apart.
+    recs += [rec("59.000", request_id=f"tie{i}", model="m1", cost_usd=0.5, duration_ms=9999.0) for i in range(8)]
     docs, sums = [], []
     for n, order in enumerate((recs, list(reversed(recs)), rnd.sample(recs, len(recs)))):
         write_run(tmp_path, f"o{n}", order)
@@ -440,3 +442,4 @@ def test_figures_do_not_depend_on_the_order_calls_are_read_in(tmp_path: Path) ->
         sums.append((s.cost, s.call_ms, s.ttft_sum, s.tps_sum))
     assert docs[0] == docs[1] == docs[2]
     assert sums[0] == sums[1] == sums[2]
+    assert [c["request_id"] for c in docs[0]["most_expensive"]] == [f"tie{i}" for i in range(5)]
