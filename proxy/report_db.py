@@ -14,10 +14,11 @@ from pathlib import Path
 
 from proxy.config import redact_url
 from proxy.report import RunNotFound, RunSummary
+from proxy.whatif import Repricer
 
 #: Record fields a summary never reads: left in the database (they are most of a record's bytes).
 UNREAD_FIELDS = ("usage_raw", "cost_breakdown", "server_timing", "usage_invalid", "upstream_request_id",
-                 "price_model", "cost_source", "service_tier")  # fmt: skip
+                 "price_model", "cost_source")  # fmt: skip
 _PREFETCH = 5000
 _NO_FILE = Path()
 
@@ -30,8 +31,8 @@ def _failed(url: str, exc: BaseException) -> DatabaseError:
     return DatabaseError(f"cannot read {redact_url(url)}: {type(exc).__name__}: {str(exc)[:200].replace(url, '[url]')}")
 
 
-async def summarize_runs(url: str, run_ids: Iterable[str], by: Iterable[str] = ("model",),
-                         view_calls: int = 0) -> list[RunSummary]:  # fmt: skip
+async def summarize_runs(url: str, run_ids: Iterable[str], by: Iterable[str] = ("model",), view_calls: int = 0,
+                         price_as: Repricer | None = None) -> list[RunSummary]:  # fmt: skip
     """Summaries of runs read from the calls table at url; RunNotFound for a run with no rows.
 
     Rows are read in (ts, request_id) order, the order of the calls across every host.
@@ -46,7 +47,8 @@ async def summarize_runs(url: str, run_ids: Iterable[str], by: Iterable[str] = (
     try:
         summaries = []
         for run_id in run_ids:
-            summary = RunSummary(_NO_FILE, run_id, specs, view_calls, source=f"{redact_url(url)} calls")
+            summary = RunSummary(_NO_FILE, run_id, specs, view_calls, source=f"{redact_url(url)} calls",
+                                 price_as=price_as)
             async with conn.transaction(readonly=True):  # a server-side cursor lives in a transaction
                 query = ("SELECT (record - $2::text[])::text FROM calls WHERE run_id = $1 "
                          "ORDER BY ts, request_id")  # fmt: skip

@@ -274,55 +274,53 @@ def _repricer(args: argparse.Namespace) -> whatif.Repricer | None:
     return whatif.Repricer(book, mapping)
 
 
-def cli(args: argparse.Namespace) -> int:
-    """Run `metering-proxy report`; return 0, 1 (unknown run, or a run file that is a symlink) or 2 (bad usage)."""
-    try:
-        spec = report.check_by(args.by)
-    except ValueError as exc:
-        print(f"metering-proxy report: {exc}", file=sys.stderr)
-        return 2
-    if args.html is not None and len(args.run_ids) != 1:
-        print("metering-proxy report: --html takes exactly one run", file=sys.stderr)
-        return 2
-    try:
-        repricer = _repricer(args)
-    except ValueError as exc:
-        print(f"metering-proxy report: {exc}", file=sys.stderr)
-        return 2
-    runs_dir = Path(args.runs_dir)
-    summaries = []
-    by = [spec, "model", "task"] if args.html is not None else [spec]
+class _Failed(Exception):
+    """A run that cannot be reported (exit 1); the message is the line to print."""
+
+
+def _summaries(args: argparse.Namespace, by: list[str], repricer: whatif.Repricer | None) -> list[report.RunSummary]:
+    """The requested runs' summaries, from the database when one is given, else from the run files."""
+    view_calls = report.VIEW_CALLS if args.html else 0
     db = _database(args)
-    if db is not None and repricer is not None:
-        print("metering-proxy report: --price-as reads run files, not --db (not supported yet)", file=sys.stderr)
-        return 2
     if db is not None:
         from proxy import report_db
 
         try:
-            summaries = asyncio.run(report_db.summarize_runs(db, args.run_ids, by,
-                                                             view_calls=report.VIEW_CALLS if args.html else 0))
-        except RunNotFound as exc:
-            print(f"metering-proxy report: {exc}", file=sys.stderr)
-            return 1
-        except report_db.DatabaseError as exc:
-            print(f"metering-proxy report: {exc}", file=sys.stderr)
-            return 1
-    for run_id in args.run_ids if db is None else ():
+            return asyncio.run(report_db.summarize_runs(db, args.run_ids, by, view_calls, price_as=repricer))
+        except (RunNotFound, report_db.DatabaseError) as exc:
+            raise _Failed(str(exc)) from None
+    runs_dir = Path(args.runs_dir)
+    summaries = []
+    for run_id in args.run_ids:
         try:
             path = report.run_path(runs_dir, run_id)
-            summaries.append(report.summarize(path, run_id, by, view_calls=report.VIEW_CALLS if args.html else 0,
-                                              price_as=repricer))
+            summaries.append(report.summarize(path, run_id, by, view_calls=view_calls, price_as=repricer))
         except RunNotFound as exc:
             known = report.list_runs(runs_dir)
-            hint = (
-                f" (runs there: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else ""
-            )
-            print(f"metering-proxy report: {exc}{hint}", file=sys.stderr)
-            return 1
+            hint = f" (runs there: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else ""
+            raise _Failed(f"{exc}{hint}") from None
         except UnsafeRunFile as exc:  # from run_path, or from summarize should the file be swapped meanwhile
-            print(f"metering-proxy report: {exc}", file=sys.stderr)
-            return 1
+            raise _Failed(str(exc)) from None
+    return summaries
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Run `metering-proxy report`; return 0, 1 (unknown run, a linked run file, an unreadable database) or 2
+    (bad usage)."""
+    try:
+        spec = report.check_by(args.by)
+        if args.html is not None and len(args.run_ids) != 1:
+            raise ValueError("--html takes exactly one run")
+        repricer = _repricer(args)
+    except ValueError as exc:
+        print(f"metering-proxy report: {exc}", file=sys.stderr)
+        return 2
+    by = [spec, "model", "task"] if args.html is not None else [spec]
+    try:
+        summaries = _summaries(args, by, repricer)
+    except _Failed as exc:
+        print(f"metering-proxy report: {exc}", file=sys.stderr)
+        return 1
     if args.html is not None:
         from proxy import ui
 

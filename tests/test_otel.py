@@ -366,7 +366,8 @@ async def test_collector_that_hangs_delays_no_call_and_a_full_queue_drops(
     async with aiohttp.ClientSession() as s, s.get(proxy.url("/metrics")) as r:
         text = await r.text()
     for signal, lost in (("spans", spans), ("calls", calls)):
-        assert f'metering_proxy_otel_dropped_total{{reason="queue_full",signal="{signal}"}} {float(lost["dropped"])}' in text
+        line = f'metering_proxy_otel_dropped_total{{reason="queue_full",signal="{signal}"}} {float(lost["dropped"])}'
+        assert line in text
 
 
 # -- off, and the standard variables --------------------------------------------------------------

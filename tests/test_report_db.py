@@ -74,14 +74,17 @@ async def test_a_report_from_the_database_equals_the_report_from_the_files(
         await _ship(url, _lines(runs / f"{run}.jsonl"))
     await _ship(url, _lines(runs / "a.jsonl"))  # shipped twice: stored once
 
-    for argv in (["fleet-db", "--by", "task"], ["a", "b", "--by", "tag:variant"], ["a", "--by", "model"]):
+    for argv in (["fleet-db", "--by", "task"], ["a", "b", "--by", "tag:variant"], ["a", "--by", "model"],
+                 ["fleet-db", "--price-as", "gpt-4o-mini=claude-sonnet-4-5", "--price-as", "gpt-4.1"]):
         code, from_files = await _report(capsys, *argv, "--json", "--runs-dir", str(runs))
         assert code == 0, from_files
         code, from_db = await _report(capsys, *argv, "--json", "--db", url)
         assert code == 0, from_db
         assert from_db["runs"][0]["file"].endswith(" calls") and "postgres@" not in from_db["runs"][0]["file"]
         assert _without_source(from_db) == _without_source(from_files)
-    assert from_files["runs"][0]["records"] == len(RUN_A)
+        if argv[0] == "a":
+            assert from_files["runs"][0]["records"] == len(RUN_A)
+    assert from_db["runs"][0]["price_as"]["repriced_calls"] > 0  # the last: what-if prices over the database
 
 
 async def test_report_db_errors_name_the_run_and_never_the_password(
