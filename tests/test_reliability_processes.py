@@ -151,7 +151,11 @@ async def test_sigkill_under_load_loses_at_most_the_last_flush(
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=30)) as s:
             tasks = [asyncio.create_task(client(i, s)) for i in range(30)]
-            await asyncio.sleep(0.8)  # a real interval: the load runs for several flush intervals
+            # Several flush intervals of load, and enough finished calls, however busy the machine is.
+            started = time.monotonic()
+            while time.monotonic() - started < 0.8 or len(done) < 150:
+                assert time.monotonic() - started < 20, f"{len(done)} calls done in 20 s"
+                await asyncio.sleep(0.05)
             t_kill = time.monotonic()
             served.proc.kill()
             stop.set()
