@@ -258,10 +258,12 @@ async def test_three_hosts_share_one_budget(fake_upstream: FakeUpstream, redis_s
         results = await asyncio.gather(*(call(clients[i % 3]) for i in range(30)))
         ok = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, openai.RateLimitError)]
-        assert len(ok) == admitted and len(refused) == 30 - admitted, results
+        # Exactly `admitted` while all are in flight together; a loaded machine may let a few finish (and settle
+        # below their reservation) first, making room for more. The bound holds either way.
+        assert len(ok) >= admitted and len(ok) + len(refused) == 30, results
         recs = await wait_records(runs, "fleet", 30)
         spend = sum(r["total_tokens"] or 0 for r in recs)
-        assert spend == admitted * ACTUAL <= limit  # the bound: limit + sum of max(0, actual - reserved) = limit
+        assert spend == len(ok) * ACTUAL <= limit  # the bound: limit + sum of max(0, actual - reserved) = limit
         assert 15 * ACTUAL > limit  # three unshared views would each have admitted `admitted`
         async with Redis.from_url(redis_server.url) as r:
             deadline = time.monotonic() + 5

@@ -68,7 +68,9 @@ async def test_three_hosts_one_budget_one_record_store(fake_upstream: FakeUpstre
         results = await asyncio.gather(*(call(clients[i % 3]) for i in range(45)))
         ok = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, openai.RateLimitError)]
-        assert len(ok) == admitted and len(refused) == 45 - admitted, results
+        # All in flight together, exactly `admitted` pass; on a loaded machine some finish (settling below their
+        # reservation) before the last are admitted, and a few more fit. Either way the spend stays in the limit.
+        assert len(ok) >= admitted and len(ok) + len(refused) == 45, results
         assert 15 * ACTUAL > limit  # each host alone would have admitted more than the run may spend
         recs = [r for d in runs if (d / f"{RUN}.jsonl").exists() for r in parse_lines(d / f"{RUN}.jsonl")]
         deadline = time.monotonic() + 20
@@ -76,7 +78,7 @@ async def test_three_hosts_one_budget_one_record_store(fake_upstream: FakeUpstre
             assert time.monotonic() < deadline, (len(recs), await _rows(db))
             await asyncio.sleep(0.05)
             recs = [r for d in runs if (d / f"{RUN}.jsonl").exists() for r in parse_lines(d / f"{RUN}.jsonl")]
-        assert sum(r["total_tokens"] or 0 for r in recs) == admitted * ACTUAL <= limit
+        assert sum(r["total_tokens"] or 0 for r in recs) == len(ok) * ACTUAL <= limit
         assert sum(1 for d in runs if (d / f"{RUN}.jsonl").exists()) == 3  # every host served the run
     finally:
         await stop_all(procs)
