@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy import errors, report, tail, ui, whatif
+from proxy import errors, report, series, tail, ui, whatif
 from proxy.config import RUN_ID_RE
 from proxy.pricing import PriceBook
 from proxy.records import Record, UnsafeRunFile
@@ -256,6 +256,7 @@ class RunsApi:
         self.keepalive_s = KEEPALIVE_S
         self._totals: dict[str, report.RunSummary] = {}
         self._summaries: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[report.RunSummary, Any, bytes]] = {}
+        self._series: dict[tuple[str, int], series.RunSeries] = {}
         self.pricebook: PriceBook | None = None
         """The price table ?price_as= re-prices with (make_app's; the bundled one, loaded when first asked, if none)."""
         # One file scan at a time: summaries of huge runs are CPU-heavy and share the CPU with calls.
@@ -357,6 +358,41 @@ class RunsApi:
                 raise _unknown(run_id) from None  # removed since path() looked
             except UnsafeRunFile as exc:
                 raise _refused(run_id, exc) from None  # swapped for a link since path() looked
+        return web.Response(body=body, content_type="application/json")
+
+    # -- GET /runs/{run_id}/series ---------------------------------------------------------
+
+    def _file_series(self, run_id: str, path: Path, points: int) -> bytes:
+        key = (run_id, points)
+        found = self._series.pop(key, None)  # re-inserted below: least recently used first
+        found = found or series.RunSeries(path, run_id, points)
+        found.update(final=False)
+        self._series[key] = found
+        while len(self._series) > SUMMARY_CACHE:
+            del self._series[next(iter(self._series))]
+        return orjson.dumps(found.series_json())
+
+    async def run_series(self, request: web.Request) -> web.Response:
+        """GET /runs/{run_id}/series[?points=N]: cumulative cost and tokens over time, in at most N buckets."""
+        points = _int_param(request, "points", series.MAX_POINTS)
+        assert points is not None
+        if not 1 <= points <= series.POINTS_LIMIT:
+            raise errors.BadRequest(f"'points' must be 1 to {series.POINTS_LIMIT}.", param="points")
+        if self.db is not None:
+            # Not kept between requests: the database's rows are read again, a batch at a time, in a thread each.
+            run_id = self.run_id(request)
+            db_series = series.RunSeries(Path(run_id), run_id, points)
+            async for batch in await self.db.records(run_id, 0, None):
+                await asyncio.to_thread(db_series.fold_all, batch)
+            return _json(db_series.series_json())
+        run_id, path = self.path(request)
+        async with self._lock:
+            try:
+                body = await asyncio.to_thread(self._file_series, run_id, path, points)
+            except FileNotFoundError:
+                raise _unknown(run_id) from None
+            except UnsafeRunFile as exc:
+                raise _refused(run_id, exc) from None
         return web.Response(body=body, content_type="application/json")
 
     # -- GET /runs/{run_id}/records --------------------------------------------------------
@@ -481,6 +517,7 @@ def install(app: web.Application, api: RunsApi) -> None:
     app.router.add_get("/runs", api.list_runs)
     app.router.add_get("/runs/{run_id}", api.summary)
     app.router.add_get("/runs/{run_id}/records", api.records)
+    app.router.add_get("/runs/{run_id}/series", api.run_series)
     app.router.add_get("/runs/{run_id}/events", api.events)
     app.router.add_get("/ui", ui.handle)
     app.on_shutdown.append(api.on_shutdown)
