@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from proxy.shipper import from_config as shipping_from_config
 
 if TYPE_CHECKING:
     from proxy.otel import OtelExporter
+    from proxy.price_refresh import PriceRefresher
     from proxy.pricing import PriceBook
 
 log = logging.getLogger("metering_proxy")
@@ -31,6 +34,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 METRICS = web.AppKey("metrics", Metrics)
 SHIPPING = web.AppKey("shipping", Shipping)
 OTEL: web.AppKey[OtelExporter] = web.AppKey("otel")
+PRICE_REFRESH: web.AppKey[PriceRefresher] = web.AppKey("price_refresh")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -145,6 +149,16 @@ def make_app(
     if guard is not None:
         app.middlewares.append(guard)
     app.cleanup_ctx.append(_resources)
+    if cfg.prices_refresh_s is not None:
+        from proxy.price_refresh import PriceRefresher
+
+        def install_prices(book: PriceBook) -> None:
+            # Every holder of the table, in one step on the loop: no call sees two tables.
+            forwarder.pricebook = tracker.pricebook = runs.pricebook = book
+
+        app[PRICE_REFRESH] = PriceRefresher(cfg.prices_refresh_s, install_prices, url=cfg.prices_refresh_url,
+                                            custom=cfg.custom_prices)  # fmt: skip
+        app.cleanup_ctx.append(_price_refresh)
     shipping = shipping_from_config(cfg.runs_dir, cfg.ship)
     if shipping is not None:
         app[SHIPPING] = shipping
@@ -160,6 +174,15 @@ def make_app(
     # handler runs, so the call would get no record.
     app.router.add_route("*", "/{tail:.*}", app[FORWARDER].api, expect_handler=expect_continue)
     return app
+
+
+async def _price_refresh(app: web.Application) -> AsyncIterator[None]:
+    """prices.refresh: the background download, started after the socket is bound, stopped at shutdown."""
+    task = asyncio.create_task(app[PRICE_REFRESH].run(), name="metering-proxy price refresh")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

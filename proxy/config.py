@@ -255,6 +255,10 @@ class Config:
     """A LiteLLM-format price table to use instead of the bundled one."""
     custom_prices: tuple[CustomPrice, ...] = ()
     """prices.custom rules, first match wins, before the table."""
+    prices_refresh_s: float | None = None
+    """prices.refresh: how often serve downloads the price table in the background; None (the default): never."""
+    prices_refresh_url: str | None = None
+    """prices.refresh_url: where the refresh downloads from; None: LiteLLM's published table."""
     log_level: str = "info"
     """debug, info, warning or error; successful calls are never logged (records are the log)."""
     event_loop: str = "auto"
@@ -405,7 +409,7 @@ KEYS: dict[str, frozenset[str]] = {
     "upstreams[]": frozenset({"name", "base_url", "provider", "api_key_env", "headers", "models",
                               "inject_stream_usage"}),
     "timeouts": frozenset({"connect_s", "read_s", "total_s"}),
-    "prices": frozenset({"file", "custom"}),
+    "prices": frozenset({"file", "custom", "refresh", "refresh_url"}),
     "prices.custom[]": frozenset({"model", "upstream", "input", "cached_input", "cache_write", "output"}),
     "budgets": frozenset({"default", "runs", "store"}),
     "budgets.store": frozenset({"url", "url_env", "on_unavailable", "reservation_ttl_s", "key_prefix"}),
@@ -588,6 +592,33 @@ def _prices(raw: Any) -> tuple[Path | None, tuple[CustomPrice, ...]]:
     return (Path(file) if file else None), custom_prices(raw.get("custom"))
 
 
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _prices_refresh(raw: Any, prices_file: Path | None) -> tuple[float | None, str | None]:
+    """prices.refresh (`24h`, `30m`, `90s`, `1d` or seconds) and prices.refresh_url; off unless set."""
+    raw = raw if isinstance(raw, dict) else {}
+    url = _str(raw, "refresh_url", "prices.", None)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise _fail("prices.refresh_url", "must be an http(s) URL")
+    value = raw.get("refresh")
+    if value is None:
+        return None, url
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        seconds = float(m[1]) * _DURATION_UNITS[m[2]]
+    else:
+        raise _fail("prices.refresh", f"must be a duration such as 24h, 30m or 90s (got {value!r})")
+    if seconds < 1:
+        raise _fail("prices.refresh", f"must be at least 1s (got {value!r})")
+    if prices_file is not None:
+        # The refresh replaces the cached copy of the published table, which prices.file overrides.
+        raise _fail("prices.refresh", "refreshes the published table, but prices.file is set and would be used instead")
+    return seconds, url
+
+
 def _ship_env(raw: dict[str, Any], key: str, path: str) -> tuple[str | None, str]:
     """(the variable's name, its value) for a *_env key of ship; read here, at load, like every setting."""
     name = _str(raw, key, path, None)
@@ -699,6 +730,7 @@ def from_mapping(raw: dict[str, Any]) -> Config:
     if not RUN_ID_RE.fullmatch(run_id or ""):
         raise _fail("default_run_id", "must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'")
     prices_file, custom = _prices(raw.get("prices"))
+    refresh_s, refresh_url = _prices_refresh(raw.get("prices"), prices_file)
     cfg = Config(
         host=_str(raw, "host", "", d.host) or d.host,
         port=check_port(raw.get("port", d.port), "port"),
@@ -716,6 +748,8 @@ def from_mapping(raw: dict[str, Any]) -> Config:
         shutdown_grace_s=_num(raw, "shutdown_grace_s", "", d.shutdown_grace_s),
         prices_file=prices_file,
         custom_prices=custom,
+        prices_refresh_s=refresh_s,
+        prices_refresh_url=refresh_url,
         log_level=_choice(raw, "log_level", d.log_level, ("debug", "info", "warning", "error")),
         event_loop=_choice(raw, "event_loop", d.event_loop, ("auto", "asyncio", "uvloop")),
         budgets=_budgets(raw.get("budgets")),

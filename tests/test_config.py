@@ -126,6 +126,26 @@ def test_budgets_and_access_parse() -> None:
     assert cfg.access == C.Access(proxy_keys=("k1", "k2"), admin_token="adm")
 
 
+@pytest.mark.parametrize(("value", "seconds"), [("24h", 86400.0), ("30m", 1800.0), ("90s", 90.0), ("1d", 86400.0),
+                                             ("1.5h", 5400.0), (3600, 3600.0), (None, None)])  # fmt: skip
+def test_prices_refresh_parses_durations_and_is_off_by_default(value: object, seconds: float | None) -> None:
+    prices = {} if value is None else {"refresh": value}
+    assert C.from_mapping({"prices": prices}).prices_refresh_s == seconds
+    assert C.Config().prices_refresh_s is None and C.Config().prices_refresh_url is None
+
+
+@pytest.mark.parametrize(("prices", "why"), [
+    ({"refresh": "soon"}, "prices.refresh: must be a duration"),
+    ({"refresh": "0.5s"}, "prices.refresh: must be at least 1s"),
+    ({"refresh": True}, "prices.refresh: must be a duration"),
+    ({"refresh": "24h", "file": "mine.json"}, "prices.refresh: .*prices.file is set"),
+    ({"refresh": "24h", "refresh_url": "ftp://x/y"}, "prices.refresh_url: must be an http"),
+])  # fmt: skip
+def test_bad_prices_refresh_names_the_key(prices: dict[str, object], why: str) -> None:
+    with pytest.raises(C.ConfigError, match=why):
+        C.from_mapping({"prices": prices})
+
+
 def _config_rows() -> list[str]:
     doc = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     section = doc.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
