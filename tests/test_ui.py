@@ -14,14 +14,17 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
+from proxy import report
 from proxy.cli import main
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from tests.conftest import Messages, ProxyFactory, ProxyUnderTest, make_client
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_COPY = Path("/tmp/ui-screenshot.png")
+SHOTS = {name: Path(f"/tmp/ui-{name}.png") for name in ("compare", "run-chart", "record")}
 MSG: Messages = [{"role": "user", "content": "hi"}]
 
 pytestmark = pytest.mark.skipif(
@@ -121,9 +124,10 @@ async def open_page(session: aiohttp.ClientSession, port: int, url: str) -> Page
 
 
 async def call(proxy: ProxyUnderTest, model: str, task: str, think: float = 0.0, stream: bool = True,
-               fake: str | None = None) -> None:  # fmt: skip
+               fake: str | None = None, run_id: str = "ui-run", tag: str | None = None) -> None:  # fmt: skip
     headers = {"X-Fake": fake or f"think:{think}", "X-Fake-Delay": "0.04"}
-    c = make_client(proxy, run_id="ui-run", headers={"X-Task-Name": task} if task else None)
+    sent = ({"X-Task-Name": task} if task else {}) | ({"X-Meter-Tag-Variant": tag} if tag else {})
+    c = make_client(proxy, run_id=run_id, headers=sent)
     if not stream:
         await c.chat.completions.create(model=model, messages=MSG, extra_headers=headers)
         return
@@ -248,5 +252,135 @@ async def test_price_as_switch_shows_the_what_if_cost(make_proxy: ProxyFactory, 
             assert "Cost as gpt-4.1" in await page.wait_for(
                 "document.getElementById('price-as-card')?.innerText")
             assert "price_as=gpt-4.1" in await page.eval("location.search")
+        finally:
+            await page.close()
+
+
+async def _shoot(page: Page, tmp_path: Path, name: str) -> None:
+    shot = tmp_path / f"{name}.png"
+    await page.screenshot(shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.copy(shot, SHOTS[name])
+    print(f"screenshot: {SHOTS[name]}")
+
+
+async def _select(page: Page, name: str, value: str) -> None:
+    await page.eval(f"(() => {{ const s = document.querySelector('#filters select[name={name}]'); s.value = {value!r};"
+                    " s.dispatchEvent(new Event('change', {bubbles: true})); })()")  # fmt: skip
+
+
+ROWS = "document.querySelectorAll('#calls tr.pick').length"
+
+
+@pytest.mark.slow
+async def test_compare_chart_filter_and_record(make_proxy: ProxyFactory, chromium: int, tmp_path: Path) -> None:
+    proxy = await make_proxy(pricebook=PriceBook.load(BUNDLED_PRICES))
+    # Two runs on different models, the same tasks; run B has a failure, a tag, and more calls.
+    await asyncio.gather(
+        call(proxy, "gpt-4o-mini", "summarise", 0.05, run_id="ui-a"),
+        call(proxy, "gpt-4o-mini", "classify", 0.02, stream=False, run_id="ui-a"),
+        call(proxy, "gpt-4o", "summarise", 0.05, run_id="ui-b", tag="long"),
+        call(proxy, "gpt-4o", "classify", 0.02, run_id="ui-b", tag="short"),
+        call(proxy, "gpt-4o", "classify", 0.03, stream=False, run_id="ui-b", tag="short"),
+    )  # fmt: skip
+    with pytest.raises(openai.RateLimitError):
+        await call(proxy, "gpt-4o", "extract", stream=False, fake="status:429", run_id="ui-b")
+    await proxy.wait_records("ui-a", 2)
+    recs_b = await proxy.wait_records("ui-b", 4)
+    # What `report ui-a ui-b` compares: the page must show the same figures and deltas.
+    want = report.report_json([report.summarize(proxy.runs_dir / f"{r}.jsonl", r, ["model", "task"])
+                               for r in ("ui-a", "ui-b")])  # fmt: skip
+    a, b = want["runs"]
+    deltas = want["comparison"]["runs"][0]["metrics"]
+    assert a["calls"]["total"] == 2 and b["calls"]["total"] == 4 and deltas["cost_usd.total"]["delta"] > 0
+
+    async with aiohttp.ClientSession() as session:
+        page = await open_page(session, chromium, proxy.url("/ui"))
+        try:
+            # Pick B first, then A: the first picked is the baseline, so pick A, then B.
+            await page.wait_for("document.querySelectorAll('#runs .pick-run').length === 2")
+            await page.eval("document.querySelector('.pick-run[value=\"ui-a\"]').click();"
+                            "document.querySelector('.pick-run[value=\"ui-b\"]').click()")  # fmt: skip
+            assert "baseline: ui-a" in await page.eval("document.getElementById('compare-bar').innerText")
+            await page.eval("document.getElementById('compare-btn').click()")
+            await page.wait_for("!!document.getElementById('compare-totals')")
+            assert await page.eval("location.search") == "?run=ui-a&run=ui-b"
+
+            def cell(run: str, metric: str, attr: str) -> str:
+                sel = f"#compare-totals td[data-run=\"{run}\"][data-metric=\"{metric}\"]"
+                return f"document.querySelector('{sel}{'.delta' if attr == 'delta' else ':not(.delta)'}')?.dataset.{attr}"
+
+            for metric in ("calls.total", "calls.failed", "tokens.input", "tokens.output", "cost_usd.total",
+                           "duration_ms.p50", "ttft_ms.p95"):  # fmt: skip
+                sec, key = metric.split(".")
+                for run in (a, b):
+                    shown = await page.eval(cell(run["run_id"], metric, "value"))
+                    value = run[sec][key]
+                    assert (shown == "") if value is None else float(shown) == pytest.approx(value, abs=1e-12), metric
+                got = await page.eval(cell("ui-b", metric, "delta"))
+                assert float(got) == pytest.approx(deltas[metric]["delta"], abs=1e-9), metric
+            pct = deltas["cost_usd.total"]["pct"]
+            text = await page.eval("document.getElementById('compare-totals').innerText")
+            assert f"(+{pct:.1f}%)" in text and "+2 (+100.0%)" in text  # calls: 4 against 2
+            by_model = await page.eval("document.getElementById('compare-model').innerText")
+            assert "gpt-4o-mini" in by_model and "gpt-4o\t" in by_model
+            assert "extract" in await page.eval("document.getElementById('compare-task').innerText")
+            await _shoot(page, tmp_path, "compare")
+
+            # The compare view is live: a new call to B shows without a reload.
+            await call(proxy, "gpt-4o", "extract", 0.01, run_id="ui-b")
+            await page.wait_for(f"{cell('ui-b', 'calls.total', 'value')} === '5'", timeout=15)
+
+            # Run B's view: the cumulative chart ends at the run's totals.
+            await proxy.wait_records("ui-b", 5)
+            async with session.get(proxy.url("/runs/ui-b")) as resp:
+                b_now = (await resp.json())["runs"][0]
+            await page.call("Page.navigate", url=proxy.url("/ui?run=ui-b"))
+            final = await page.wait_for(f"{ROWS} === 5 && document.getElementById('cum-cost')?.dataset.final")
+            assert float(final) == pytest.approx(b_now["cost_usd"]["total"], abs=1e-9) and float(final) > 0
+            tokens = await page.eval("document.getElementById('cum-tokens').dataset.final")
+            assert int(tokens) == b_now["tokens"]["total"]
+            assert await page.eval("document.querySelectorAll('#cum-cost path.line').length") == 1
+            await _shoot(page, tmp_path, "run-chart")
+
+            # Filters narrow the call list, and the address keeps them.
+            await _select(page, "outcome", "failed")
+            assert await page.wait_for(f"{ROWS} === 1 && document.querySelector('#calls tr.pick').innerText")
+            assert "rate_limit" in await page.eval("document.querySelector('#calls tr.pick').innerText")
+            await _select(page, "outcome", "")
+            await _select(page, "tag", "variant=short")
+            await page.wait_for(f"{ROWS} === 2")
+            await _select(page, "task", "classify")
+            await _select(page, "model", "gpt-4o")
+            await page.wait_for(f"{ROWS} === 2")
+            await _select(page, "tag", "")
+            await _select(page, "task", "extract")
+            await page.wait_for(f"{ROWS} === 2")  # the failed extract and the one sent since
+            await _select(page, "outcome", "ok")
+            await page.wait_for(f"{ROWS} === 1")
+            assert "outcome=ok" in await page.eval("location.search")
+
+            # Clicking a call opens its whole record.
+            rid = await page.eval("document.querySelector('#calls tr.pick').dataset.id")
+            await page.eval("document.querySelector('#calls tr.pick td:nth-child(3)').click()")
+            shown = await page.wait_for("document.getElementById('record')?.innerText")
+            file_recs = {r["request_id"]: r for r in await proxy.records("ui-b")}
+            assert rid in file_recs and orjson.loads(shown) == file_recs[rid]
+            assert rid in await page.eval("document.querySelector('#record-panel h3').innerText")
+            assert f"call={rid}" in await page.eval("location.search")
+            await _shoot(page, tmp_path, "record")
+
+            # A link opens the same view: the filters and the open call.
+            link = await page.eval("location.href")
+            await page.call("Page.navigate", url=link)
+            await page.wait_for(f"document.getElementById('record')?.innerText.includes('{rid}') && {ROWS} === 1")
+            assert await page.eval("document.querySelector('#filters select[name=task]').value") == "extract"
+            # A failed call's record too, from the failed-calls panel; Esc closes it.
+            failed_id = next(r["request_id"] for r in recs_b if not r["success"])
+            await page.eval(f"document.querySelector('#failed tr[data-id=\"{failed_id}\"]').click()")
+            await page.wait_for(f"document.getElementById('record')?.innerText.includes('\"rate_limit\"')")
+            await page.call("Input.dispatchKeyEvent", type="keyDown", key="Escape")
+            await page.wait_for("document.getElementById('record-panel').hidden")
+            assert "call=" not in await page.eval("location.search")
         finally:
             await page.close()
