@@ -297,7 +297,7 @@ async def test_compare_chart_filter_and_record(make_proxy: ProxyFactory, chromiu
     async with aiohttp.ClientSession() as session:
         page = await open_page(session, chromium, proxy.url("/ui"))
         try:
-            # Pick B first, then A: the first picked is the baseline, so pick A, then B.
+            # The first run picked is the baseline.
             await page.wait_for("document.querySelectorAll('#runs .pick-run').length === 2")
             await page.eval("document.querySelector('.pick-run[value=\"ui-a\"]').click();"
                             "document.querySelector('.pick-run[value=\"ui-b\"]').click()")  # fmt: skip
@@ -308,7 +308,8 @@ async def test_compare_chart_filter_and_record(make_proxy: ProxyFactory, chromiu
 
             def cell(run: str, metric: str, attr: str) -> str:
                 sel = f"#compare-totals td[data-run=\"{run}\"][data-metric=\"{metric}\"]"
-                return f"document.querySelector('{sel}{'.delta' if attr == 'delta' else ':not(.delta)'}')?.dataset.{attr}"
+                kind = ".delta" if attr == "delta" else ":not(.delta)"
+                return f"document.querySelector('{sel}{kind}')?.dataset.{attr}"
 
             for metric in ("calls.total", "calls.failed", "tokens.input", "tokens.output", "cost_usd.total",
                            "duration_ms.p50", "ttft_ms.p95"):  # fmt: skip
@@ -378,7 +379,7 @@ async def test_compare_chart_filter_and_record(make_proxy: ProxyFactory, chromiu
             # A failed call's record too, from the failed-calls panel; Esc closes it.
             failed_id = next(r["request_id"] for r in recs_b if not r["success"])
             await page.eval(f"document.querySelector('#failed tr[data-id=\"{failed_id}\"]').click()")
-            await page.wait_for(f"document.getElementById('record')?.innerText.includes('\"rate_limit\"')")
+            await page.wait_for("document.getElementById('record')?.innerText.includes('\"rate_limit\"')")
             await page.call("Input.dispatchKeyEvent", type="keyDown", key="Escape")
             await page.wait_for("document.getElementById('record-panel').hidden")
             assert "call=" not in await page.eval("location.search")
