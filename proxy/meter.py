@@ -54,6 +54,7 @@ class Meter:
         "dialect", "spec", "strip_usage", "decoder", "usage_raw", "model", "finish_reason", "first_output_at",
         "output_chars", "error_category", "error_detail", "server_timing", "events", "done", "provider_hint",
         "service_tier", "response_id", "usage_final", "tool_counts", "_anthropic_usage", "_overhead", "_line",
+        "_template",
     )  # fmt: skip
 
     def __init__(self, dialect: str, strip_usage: bool = False) -> None:
@@ -84,6 +85,8 @@ class Meter:
         self._overhead = -1
         self._line = b""
         """Chat/completions: bytes of a content chunk that are not text; -1 until measured."""
+        self._template: tuple[bytes, bytes] | None = None
+        """Chat/completions: the read of the first content chunk around its text (see _templated)."""
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -93,6 +96,8 @@ class Meter:
             self._ndjson(chunk, now)
             return chunk
         aligned = not self.decoder.pending
+        if aligned and self._overhead >= 0 and (self._templated(chunk) or self._routine_read(chunk)):
+            return chunk
         events = self.decoder.feed(chunk)
         if not self.strip_usage:
             for ev in events:
@@ -102,6 +107,65 @@ class Meter:
         if aligned and len(kept) == len(events) and not self.decoder.pending:
             return chunk  # the chunk was whole events and none was dropped: no copy needed
         return b"".join(kept)
+
+    def _templated(self, chunk: bytes) -> bool:
+        """Count a read that is the first content chunk with other text: no search, no decoding.
+
+        An upstream writes every content delta of a stream from one template (same id, created, model);
+        a read that starts and ends as the first one did, with only ASCII between them and no quote,
+        backslash or LF, is that same JSON with another string: the string is its output.
+        """
+        template = self._template
+        if template is None:
+            return False
+        head, tail = template
+        if not (chunk.startswith(head) and chunk.endswith(tail)) or len(chunk) < len(head) + len(tail):
+            return False
+        text = chunk[len(head) : len(chunk) - len(tail)]
+        if not text.isascii() or b'"' in text or b"\\" in text or b"\n" in text:
+            return False
+        self.events += 1
+        self.output_chars += len(text)
+        return True
+
+    def _learn_template(self, data: bytes, text: Any) -> None:
+        """Keep the first content chunk's bytes around its text, if it is plain and has no marker."""
+        if not isinstance(text, str) or not text or b"\n" in data or b"\r" in data:
+            return  # a multi-line data field is not one line on the wire: no template to match reads with
+        for key in (b'"content":"', b'"content": "'):
+            needle = key + text.encode() + b'"'
+            at = data.find(needle)
+            if at >= 0 and data.find(needle, at + 1) < 0:
+                head, tail = b"data: " + data[: at + len(key)], data[at + len(needle) - 1 :] + b"\n\n"
+                if _MARKER.search(head + tail) is None:
+                    self._template = (head, tail)
+                return
+
+    def _routine_read(self, chunk: bytes) -> bool:
+        """Count a read of whole plain content events without decoding them; False if any needs a parse.
+
+        Most reads of a stream are one routine content delta each; building Events and searching each
+        one costs more than all else the meter does. The checks run once over the whole read, and what
+        they let through is exactly what _event would count unparsed: one-line ``data: `` events, ASCII
+        without escapes, no marker (a JSON string cannot forge one), no [DONE], no empty data.
+        """
+        if (not chunk.endswith(b"\n\n") or not _plain(chunk) or b"\r" in chunk or b"[DONE]" in chunk
+                or _MARKER.search(chunk) is not None):  # fmt: skip
+            return False
+        n = chunk.count(b"\n\n")
+        if chunk.count(b"\n") != 2 * n:
+            return False  # a multi-line event (event:, comments...) or stray blank lines: the decoder reads it
+        overhead = self._overhead + 8  # b"data: " before the JSON, the blank line after it
+        chars = start = 0
+        while start < len(chunk):
+            stop = chunk.find(b"\n\n", start) + 2
+            if stop - start <= 8 or not chunk.startswith(b"data: ", start):
+                return False
+            chars += max(stop - start - overhead, 0)
+            start = stop
+        self.events += n
+        self.output_chars += chars
+        return True
 
     def finish(self, now: float) -> bytes:
         """Meter what is left when the stream ends; return any bytes still owed to the client."""
@@ -199,6 +263,9 @@ class Meter:
                 # The wire bytes around the text of the first content chunk: later plain content
                 # chunks are counted as their length minus this, unparsed (see _routine_chunk).
                 self._overhead = len(data) - (self.output_chars - before)
+                delta = choices[0].get("delta") if isinstance(choices[0], dict) else None
+                if isinstance(delta, dict) and len(delta) <= 2 and set(delta) <= {"role", "content"}:
+                    self._learn_template(data, delta.get("content"))
         usage = obj.get("usage")
         keep = True
         if isinstance(usage, dict):

@@ -444,6 +444,48 @@ def test_skipped_content_chunks_count_exactly(texts: list[str], spaced: bool) ->
     assert meter.finish_reason == "stop" and meter.first_output_at == 1.0 and meter.done
 
 
+_SHORT = b'data: {"choices":[]}\n\n'  # shorter than the first content chunk: counts 0, not negative
+_HEAD, _TAIL = _content_chunk("Q").split(b"Q")  # a content chunk around its text, as the meter learns it
+_READS = {
+    "one-per-read": [_content_chunk(" a"), _content_chunk(" bb"), _content_chunk(" ccc")],
+    "several-per-read": [_content_chunk(" a") + _content_chunk(" bb") + _content_chunk(" ccc")],
+    "short-events": [_SHORT + _content_chunk(" x"), _SHORT],
+    "comment-between": [_content_chunk(" a") + b": keep-alive\n\n" + _content_chunk(" b")],
+    "empty-data": [b"data: \n\n" + _content_chunk(" a")],
+    "event-line": [b"event: message\n" + _content_chunk(" a")],
+    "forged-finish": [_HEAD + b'a"},"finish_reason":"stop"},{"index":1,"delta":{"content":"b' + _TAIL],
+    "two-events-in-template": [_HEAD + b"a\n\ndata: b" + _TAIL],
+    "quote-in-text": [_content_chunk(' a"b'), _content_chunk('", "finish_reason": "stop'), _content_chunk(" c")],
+    "other-id": [_content_chunk(" a").replace(b'"id":"c"', b'"id":"d"'), _content_chunk(" b")],
+    "text-across-events": [_content_chunk(" a")[:-3] + b'"}]}\n\ndata: {"x":"' + _content_chunk(" b")[-20:]],
+    "done-after-content": [_content_chunk(" a") + b"data: [DONE]\n\n"],
+    "done-in-text": [_content_chunk(" [DONE] ") + _content_chunk(" a")],
+    "crlf": [_content_chunk(" a").replace(b"\n\n", b"\r\n\r\n")],
+    "extra-blank-line": [_content_chunk(" a") + b"\n" + _content_chunk(" b")],
+    "no-space-after-colon": [_content_chunk(" a").replace(b"data: ", b"data:")],
+    "finish-mid-read": [_content_chunk(" a") + _content_chunk("", "stop") + b"data: [DONE]\n\n"],
+    "usage-mid-read": [_content_chunk(" a") + b'data: {"choices":[],"usage":{"prompt_tokens":1,'
+                       b'"completion_tokens":2,"total_tokens":3}}\n\n'],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["pass", "strip"])
+@pytest.mark.parametrize("case", sorted(_READS))
+def test_whole_reads_counted_unparsed_as_event_by_event(case: str, strip: bool) -> None:
+    """Reads of whole events after the first output are counted without decoding: the meter must end in
+    the same state, and pass on the same bytes, as when every byte arrives on its own (always decoded)."""
+    first = _content_chunk("Hello")
+    wire = b"".join(_READS[case])
+
+    def run(reads: list[bytes]) -> tuple[object, ...]:
+        meter = Meter("chat", strip_usage=strip)
+        out = meter.feed(first, 1.0) + b"".join(meter.feed(r, 2.0) for r in reads) + meter.finish(3.0)
+        return (out, meter.events, meter.output_chars, meter.finish_reason, meter.done, meter.first_output_at,
+                meter.usage_raw)  # fmt: skip
+
+    assert run(_READS[case]) == run([wire[i : i + 1] for i in range(len(wire))])
+
+
 # -- Ollama's native NDJSON streams ---------------------------------------------------------------
 
 
