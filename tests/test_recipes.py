@@ -54,7 +54,30 @@ def recipes() -> dict[str, tuple[str, str]]:
 
 
 def test_every_recipe_is_tried_here() -> None:
-    assert set(recipes()) == set(CLIENTS) | set(SERVERS)
+    assert set(recipes()) == set(CLIENTS) | set(SERVERS) | {"docker", "docker-config"}
+
+
+def test_docker_recipe_reaches_the_host_mounts_its_config_opens_the_ui_and_outlasts_the_grace_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import access
+
+    _, run = recipes()["docker"]
+    _, config_text = recipes()["docker-config"]
+    assert "--add-host=host.docker.internal:host-gateway" in run
+    [mount] = re.findall(r'-v "\$PWD/docker.yaml:(\S+):ro"', run)
+    assert f"--config {mount}" in run
+    monkeypatch.setenv("METERING_PROXY_ADMIN_TOKEN", "t0ken")
+    assert "-e METERING_PROXY_ADMIN_TOKEN" in run
+    # As the image's ENTRYPOINT runs it: all interfaces, so /ui needs the admin token.
+    cfg = replace(C.resolve_env(C.from_mapping(yaml.safe_load(config_text))), host="0.0.0.0")
+    access.check_exposure(cfg)  # not an open relay: it starts
+    assert cfg.access.admin_token == "t0ken"
+    assert cfg.upstreams[0].base_url.startswith("http://host.docker.internal:")
+    [stop] = re.findall(r"--stop-timeout (\d+)", run)
+    assert int(stop) > cfg.shutdown_grace_s
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
+    assert float(compose["x-proxy"]["stop_grace_period"].removesuffix("s")) > C.Config().shutdown_grace_s
 
 
 @pytest.fixture
