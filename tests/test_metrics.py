@@ -8,14 +8,14 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from proxy.app import METRICS
 from proxy.config import custom_prices as parse_custom_prices
 from proxy.errors import Category
-from proxy.metrics import _CACHE_MAX, MAX_LABEL_LEN, Metrics
+from proxy.metrics import _CACHE_MAX, DURATION_BUCKETS, MAX_LABEL_LEN, TOKEN_BUCKETS, Metrics, _observe
 from proxy.pricing import BUNDLED_PRICES, PriceBook
 from proxy.records import ErrorInfo, JsonlSink
 from tests.conftest import Messages, ProxyFactory, ProxyUnderTest, make_client, make_record
@@ -218,3 +218,20 @@ def test_streams_failed_and_instant(tmp_path: Path) -> None:
     dur = "gen_ai_client_operation_duration_seconds"
     assert value(samples, dur + "_count", error_type="stream_interrupted") == 1
     assert value(samples, "metering_proxy_requests_total", error_type="stream_interrupted", status="200") == 1
+
+
+@pytest.mark.parametrize("buckets", [DURATION_BUCKETS, TOKEN_BUCKETS], ids=["duration", "tokens"])
+def test_observe_fills_the_buckets_prometheus_client_would(buckets: tuple[float, ...]) -> None:
+    """The observer's bisecting observe: same buckets and sum as Histogram.observe, bounds included."""
+    values = [0, 0.0001, *buckets, *(b * 1.0001 for b in buckets), *(b * 0.9999 for b in buckets), 1e12]
+    ours, theirs = (Histogram(f"h_{i}", "h", ("l",), buckets=buckets, registry=CollectorRegistry()).labels("x")
+                    for i in range(2))  # fmt: skip
+    for v in values:
+        _observe(ours, v)
+        theirs.observe(v)
+
+    def samples(h: Histogram) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name.split("_", 2)[-1], s.labels, s.value) for m in h.collect() for s in m.samples]
+
+    assert samples(ours) == samples(theirs)
+    assert sum(1 for _ in values) == samples(ours)[-3][2]  # +Inf bucket: every value counted once
