@@ -1,3 +1,3 @@
 """metering-proxy: a metering reverse proxy for OpenAI-compatible and Anthropic LLM APIs."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
