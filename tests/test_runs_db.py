@@ -36,6 +36,14 @@ async def _host(make_proxy: ProxyFactory, tmp_path: Path, name: str, url: str) -
     return await make_proxy(runs_dir=tmp_path / name / "runs", ship=_ship(url))
 
 
+async def two_hosts(
+    pg: PgServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> tuple[str, ProxyUnderTest, ProxyUnderTest]:
+    """A fresh database and two hosts ("a", "b": own runs dirs) shipping to it and reading from it."""
+    url = await new_database(pg)
+    return url, await _host(make_proxy, tmp_path, "a", url), await _host(make_proxy, tmp_path, "b", url)
+
+
 async def _rows(url: str, run_id: str | None = None) -> int:
     conn = await asyncpg.connect(url)
     try:
@@ -101,9 +109,7 @@ def _totals_from_file(path: Path, run: str) -> dict[str, Any]:
 async def test_either_host_shows_the_fleet_and_equals_the_union_of_the_files(
     pg_module: PgServer, make_proxy: ProxyFactory, tmp_path: Path  # noqa: F811
 ) -> None:
-    url = await new_database(pg_module)
-    a = await _host(make_proxy, tmp_path, "a", url)
-    b = await _host(make_proxy, tmp_path, "b", url)
+    url, a, b = await two_hosts(pg_module, make_proxy, tmp_path)
     await _calls(a, RUN, 7)
     await _calls(b, RUN, 6, offset=7)
     await _calls(b, "only-b", 2)
@@ -183,9 +189,7 @@ async def _frames(resp: aiohttp.ClientResponse, n: int, timeout: float = 10.0) -
 async def test_the_events_stream_on_one_host_delivers_the_calls_of_the_other(
     pg_module: PgServer, make_proxy: ProxyFactory, tmp_path: Path  # noqa: F811
 ) -> None:
-    url = await new_database(pg_module)
-    a = await _host(make_proxy, tmp_path, "a", url)
-    b = await _host(make_proxy, tmp_path, "b", url)
+    url, a, b = await two_hosts(pg_module, make_proxy, tmp_path)
     await _calls(a, RUN, 1)
     await _wait_rows(url, 1)
     async with aiohttp.ClientSession() as s, s.get(a.url(f"/runs/{RUN}/events")) as resp:
@@ -248,9 +252,7 @@ async def test_a_database_that_is_down_answers_503_and_calls_go_on(
 async def test_the_dashboard_on_one_host_shows_the_fleet_total(
     pg_module: PgServer, make_proxy: ProxyFactory, tmp_path: Path, chromium: int  # noqa: F811
 ) -> None:
-    url = await new_database(pg_module)
-    a = await _host(make_proxy, tmp_path, "a", url)
-    b = await _host(make_proxy, tmp_path, "b", url)
+    url, a, b = await two_hosts(pg_module, make_proxy, tmp_path)
     await _calls(a, RUN, 2)
     await _calls(b, RUN, 3, offset=2)
     await _wait_rows(url, 5)

@@ -11,9 +11,9 @@ import pytest
 
 from proxy import report, series
 from tests.conftest import ProxyFactory, make_client
-from tests.pg_server import PgServer, new_database, pg_module
+from tests.pg_server import PgServer, pg_module
 from tests.test_report import write_run
-from tests.test_runs_db import _calls, _get, _host, _union, _wait_rows
+from tests.test_runs_db import _calls, _get, _union, _wait_rows, two_hosts
 
 __all__ = ["pg_module"]  # fixture, used by name
 
@@ -126,9 +126,7 @@ async def test_endpoint_follows_a_run_through_the_proxy(make_proxy: ProxyFactory
 async def test_from_postgres_equals_the_union_of_the_files(
     pg_module: PgServer, make_proxy: ProxyFactory, tmp_path: Path  # noqa: F811
 ) -> None:
-    url = await new_database(pg_module)
-    a = await _host(make_proxy, tmp_path, "a", url)
-    b = await _host(make_proxy, tmp_path, "b", url)
+    url, a, b = await two_hosts(pg_module, make_proxy, tmp_path)
     await _calls(a, "fleet", 5)
     await _calls(b, "fleet", 4, offset=5)
     await a.settle(5)
