@@ -154,7 +154,8 @@ async def run(args: argparse.Namespace) -> int:
               f" `metering-proxy report {' '.join(ids)} --runs-dir {where} --by task`")
         print(f"what would {ids[1]} cost on {MODELS[0]}?  metering-proxy report {ids[1]} --runs-dir {where}"
               f" --price-as {MODELS[0]}")
-        print(f"dashboard: {base}/ui?run={ids[0]}  (runs list: {base}/ui)")
+        # Both runs in the compare view: the two models side by side, deltas against the first.
+        print(f"dashboard: {base}/ui?{'&'.join(f'run={i}' for i in ids)}  (runs list: {base}/ui)")
         if not args.no_wait:
             print("the proxy stays up for the dashboard (and for your own calls to"
                   f" OPENAI_BASE_URL={base}/v1); Ctrl-C stops it")

@@ -96,7 +96,9 @@ async def test_demo_serves_the_dashboard_until_a_signal(tmp_path: Path, sig: sig
         line = await _wait_for_line(out, "dashboard: ", proc)
         url = line.split()[1]
         base = url.split("/ui")[0]
-        run_id = url.split("run=")[1]
+        run_ids = [part.removeprefix("run=") for part in url.split("?")[1].split("&")]
+        assert len(run_ids) == 2 and all(r.startswith("demo-") for r in run_ids)  # the compare view of both
+        run_id = run_ids[0]
         async with aiohttp.ClientSession() as session:
             async with session.get(url) as resp:
                 assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
