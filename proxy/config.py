@@ -312,6 +312,14 @@ def _check_keys(raw: dict[str, Any], allowed: frozenset[str], path: str) -> None
             raise _fail(f"{path}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
+def _section(raw: Any, name: str, what: str = "a mapping", keys: str | None = None) -> dict[str, Any]:
+    """raw when it is a mapping of the keys KEYS[keys or name] allows; else fail naming the key."""
+    if not isinstance(raw, dict):
+        raise _fail(name, f"must be {what}")
+    _check_keys(raw, KEYS[keys or name], f"{name}.")
+    return raw
+
+
 def check_port(value: Any, key: str) -> int:
     """Return value when it is a port to listen on (0: the OS picks a free one); else fail naming key."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
@@ -363,9 +371,7 @@ def _positive(raw: dict[str, Any], key: str, default: float, path: str = "") -> 
 
 def _upstream(raw: Any, i: int) -> Upstream:
     path = f"upstreams[{i}]."
-    if not isinstance(raw, dict):
-        raise _fail(f"upstreams[{i}]", "must be a mapping")
-    _check_keys(raw, KEYS["upstreams[]"], path)
+    raw = _section(raw, f"upstreams[{i}]", keys="upstreams[]")
     name = _str(raw, "name", path, None)
     if name is None:
         raise _fail(f"{path}name", "is required")
@@ -455,9 +461,7 @@ def _limits(raw: Any, path: str, match: str | None) -> BudgetRule:
 def _budgets(raw: Any) -> Budgets:
     if raw is None:
         return Budgets()
-    if not isinstance(raw, dict):
-        raise _fail("budgets", "must be a mapping with default and/or runs")
-    _check_keys(raw, KEYS["budgets"], "budgets.")
+    raw = _section(raw, "budgets", "a mapping with default and/or runs")
     default_raw = raw.get("default")
     default = BudgetRule() if default_raw is None else _limits(default_raw, "budgets.default.", None)
     runs_raw = raw.get("runs") or []
@@ -481,10 +485,8 @@ def _check_redis_url(url: str, key: str) -> str:
 def _budget_store(raw: Any) -> BudgetStoreConfig:
     if raw is None:
         return BudgetStoreConfig()
-    if not isinstance(raw, dict):
-        raise _fail("budgets.store", "must be a mapping with url or url_env")
+    raw = _section(raw, "budgets.store", "a mapping with url or url_env")
     path = "budgets.store."
-    _check_keys(raw, KEYS["budgets.store"], path)
     url, url_env = _str(raw, "url", path, None), _str(raw, "url_env", path, None)
     if url is not None and url_env is not None:
         raise _fail(f"{path}url_env", "give url or url_env, not both")
@@ -509,9 +511,7 @@ def _budget_store(raw: Any) -> BudgetStoreConfig:
 def _access(raw: Any) -> Access:
     if raw is None:
         return Access()
-    if not isinstance(raw, dict):
-        raise _fail("access", "must be a mapping")
-    _check_keys(raw, KEYS["access"], "access.")
+    raw = _section(raw, "access")
     keys = raw.get("proxy_keys") or []
     if isinstance(keys, str):
         keys = [keys]
@@ -538,9 +538,7 @@ def _upstreams(raw: Any, default: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
 
 def _timeouts(raw: Any, d: Timeouts) -> Timeouts:
     raw = raw or {}
-    if not isinstance(raw, dict):
-        raise _fail("timeouts", "must be a mapping")
-    _check_keys(raw, KEYS["timeouts"], "timeouts.")
+    raw = _section(raw, "timeouts")
     return Timeouts(
         connect_s=_num(raw, "connect_s", "timeouts.", d.connect_s, allow_none=True),
         read_s=_num(raw, "read_s", "timeouts.", d.read_s, allow_none=True),
@@ -585,9 +583,7 @@ def custom_prices(raw: Any) -> tuple[CustomPrice, ...]:
 def _prices(raw: Any) -> tuple[Path | None, tuple[CustomPrice, ...]]:
     """prices.file (relative to the working directory) and the prices.custom rules."""
     raw = raw or {}
-    if not isinstance(raw, dict):
-        raise _fail("prices", "must be a mapping")
-    _check_keys(raw, KEYS["prices"], "prices.")
+    raw = _section(raw, "prices")
     file = _str(raw, "file", "prices.", None)
     return (Path(file) if file else None), custom_prices(raw.get("custom"))
 
@@ -634,9 +630,7 @@ def _ship_common(raw: dict[str, Any], path: str, batch_default: int) -> tuple[in
 
 def _ship_postgres(raw: Any) -> ShipPostgres:
     path = "ship.postgres."
-    if not isinstance(raw, dict):
-        raise _fail("ship.postgres", "must be a mapping with url or url_env")
-    _check_keys(raw, KEYS["ship.postgres"], path)
+    raw = _section(raw, "ship.postgres", "a mapping with url or url_env")
     env, url = _ship_env(raw, "url_env", path)
     url = url or _str(raw, "url", path, None) or ""
     if not url.startswith(("postgresql://", "postgres://")):
@@ -650,9 +644,7 @@ def _ship_postgres(raw: Any) -> ShipPostgres:
 
 def _ship_webhook(raw: Any) -> ShipWebhook:
     path = "ship.webhook."
-    if not isinstance(raw, dict):
-        raise _fail("ship.webhook", "must be a mapping with url and secret_env")
-    _check_keys(raw, KEYS["ship.webhook"], path)
+    raw = _section(raw, "ship.webhook", "a mapping with url and secret_env")
     url = _str(raw, "url", path, None)
     if url is None:
         raise _fail(f"{path}url", "is required")
@@ -668,9 +660,7 @@ def _ship_webhook(raw: Any) -> ShipWebhook:
 def _ship(raw: Any) -> Ship:
     if raw is None:
         return Ship()
-    if not isinstance(raw, dict):
-        raise _fail("ship", "must be a mapping with postgres and/or webhook")
-    _check_keys(raw, KEYS["ship"], "ship.")
+    raw = _section(raw, "ship", "a mapping with postgres and/or webhook")
     return Ship(
         postgres=None if raw.get("postgres") is None else _ship_postgres(raw["postgres"]),
         webhook=None if raw.get("webhook") is None else _ship_webhook(raw["webhook"]),
@@ -693,9 +683,7 @@ def _otel_headers(name: str, key: str) -> tuple[tuple[str, str], ...]:
 def _otel(raw: Any) -> Otel:
     if raw is None:
         return Otel()
-    if not isinstance(raw, dict):
-        raise _fail("otel", "must be a mapping")
-    _check_keys(raw, KEYS["otel"], "otel.")
+    raw = _section(raw, "otel")
     for key in ("enabled", "logs"):
         if not isinstance(raw.get(key, False), bool):
             raise _fail(f"otel.{key}", "must be true or false")
