@@ -64,15 +64,3 @@ async def summarize_runs(url: str, run_ids: Iterable[str], by: Iterable[str] = (
         raise _failed(url, exc) from None
     finally:
         await conn.close()
-
-
-async def list_runs(url: str) -> list[str]:
-    """The run ids the calls table holds, sorted."""
-    import asyncpg
-
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        return [r[0] for r in await conn.fetch("SELECT DISTINCT run_id FROM calls WHERE run_id IS NOT NULL "
-                                               "ORDER BY 1")]  # fmt: skip
-    finally:
-        await conn.close()
