@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-from proxy import report, whatif
+from proxy import config, report, whatif
+from proxy.config import Config
 from proxy.records import UnsafeRunFile
 from proxy.report import RunNotFound
 
@@ -245,32 +246,22 @@ def render_csv(doc: dict[str, Any], spec: str) -> str:
     return buf.getvalue()
 
 
-def _database(args: argparse.Namespace) -> str | None:
+def _database(args: argparse.Namespace, cfg: Config | None) -> str | None:
     """The database to read: --db, else ship.postgres of --config, else None (the run files)."""
     if args.db:
         return str(args.db)
-    if args.config is None:
-        return None
-    from proxy import config
-
-    pg = config.load(args.config).ship.postgres
+    pg = cfg.ship.postgres if cfg is not None else None
     return pg.url if pg is not None else None
 
 
-def _repricer(args: argparse.Namespace) -> whatif.Repricer | None:
+def _repricer(args: argparse.Namespace, cfg: Config | None) -> whatif.Repricer | None:
     """The --price-as mapping over the price table (--config's file and custom prices); ValueError if unusable."""
     if not args.price_as:
         return None
     mapping = whatif.parse(args.price_as)
     from proxy.pricing import PriceBook
 
-    if args.config is None:
-        book = PriceBook.load()
-    else:
-        from proxy import config
-
-        cfg = config.load(args.config)
-        book = PriceBook.load(cfg.prices_file, cfg.custom_prices)
+    book = PriceBook.load() if cfg is None else PriceBook.load(cfg.prices_file, cfg.custom_prices)
     return whatif.Repricer(book, mapping)
 
 
@@ -278,10 +269,10 @@ class _Failed(Exception):
     """A run that cannot be reported (exit 1); the message is the line to print."""
 
 
-def _summaries(args: argparse.Namespace, by: list[str], repricer: whatif.Repricer | None) -> list[report.RunSummary]:
+def _summaries(args: argparse.Namespace, by: list[str], repricer: whatif.Repricer | None,
+               db: str | None) -> list[report.RunSummary]:  # fmt: skip
     """The requested runs' summaries, from the database when one is given, else from the run files."""
     view_calls = report.VIEW_CALLS if args.html else 0
-    db = _database(args)
     if db is not None:
         from proxy import report_db
 
@@ -311,13 +302,14 @@ def cli(args: argparse.Namespace) -> int:
         spec = report.check_by(args.by)
         if args.html is not None and len(args.run_ids) != 1:
             raise ValueError("--html takes exactly one run")
-        repricer = _repricer(args)
+        cfg = config.load(args.config) if args.config is not None else None  # read once, for both uses
+        repricer = _repricer(args, cfg)
     except ValueError as exc:
         print(f"metering-proxy report: {exc}", file=sys.stderr)
         return 2
     by = [spec, "model", "task"] if args.html is not None else [spec]
     try:
-        summaries = _summaries(args, by, repricer)
+        summaries = _summaries(args, by, repricer, _database(args, cfg))
     except _Failed as exc:
         print(f"metering-proxy report: {exc}", file=sys.stderr)
         return 1
