@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""metering-proxy benchmark: the proxy against a direct connection, in one run, on this machine.
+"""metering-proxy benchmark: the proxy against a thin pass-through (and a direct connection), on this machine.
 
-    python tests/benchmarks/bench.py [--quick] [--json OUT] [--workers N] [--profile] ...
+    python tests/benchmarks/bench.py [--quick] [--json OUT] [--workers N] [--profile] [--no-report] ...
 
-Starts a fast fake OpenAI upstream, the metering proxy (recording into a temp runs dir), a bare
-aiohttp pass-through as a reference point and, when installed, LiteLLM's proxy; drives the same load
-at each of them in turn from a separate load-generator process (wrk when installed, else
-loadgen.py), and prints one table: metric, value, target, pass/fail. See README.md beside this file.
+Starts a fast fake OpenAI upstream, the metering proxy (recording into a temp runs dir), the thin
+pass-through (passthrough.py: same event loop, parses the request JSON and a plain answer's usage,
+streams chunks through, no metering) and, when installed, LiteLLM's proxy; drives the same load at
+each of them in turn from a separate load-generator process (wrk when installed, else loadgen.py),
+times `metering-proxy report` over a large run file (report_bench.py), and prints one table:
+metric, value, target, pass/fail. The headline rows are proxy/thin ratios; the comparisons with a
+direct connection follow as info. See README.md beside this file.
 
 Everything listens on 127.0.0.1; every phase is bounded in calls and seconds; every child process
 is started in its own process group and killed on exit.
@@ -44,14 +47,20 @@ CLIENT_KEY = "sk-bench-not-a-key"  # what clients send as their API key (the fak
 STREAM_CHUNKS = 20  # content chunks per stream in the throughput and soak phases
 FLUSH_MS = 200  # the proxy's flush interval (its default), written into the temp config
 
+CONCURRENCIES = (1, 16, 64)  # throughput phases, each non-streaming and with 20-chunk streams
+REPORT_RECORDS = 1_000_000  # the issue's report target is for this many records
+
+# Issue 16's targets, all against the thin pass-through (passthrough.py) except RSS and the report.
 TARGETS = {
-    "ns_c16_ratio": 0.45,  # non-streaming throughput >= 0.45x direct at c16
-    "stream_ratio": 0.90,  # 20-chunk streams >= 0.9x direct (c16 and c64)
-    "added_p50_ms": 0.5,  # added p50 latency at c1
-    "cpu_call_us": 350.0,  # proxy CPU per non-streaming call
-    "cpu_chunk_us": 15.0,  # proxy CPU per streamed chunk
-    "rss_mb": 150.0,  # RSS with 1,000 concurrent streams
+    "thin_ratio": 0.90,  # throughput >= 0.9x thin at c16, non-streaming and 20-chunk streams
+    "p99_vs_thin": 1.5,  # p99 latency at c16 (wrk) <= 1.5x thin's, both kinds
+    "cpu_call_vs_thin": 1.2,  # proxy CPU per non-streaming call (c16) <= 1.2x thin's
+    "extra_chunk_us": 2.0,  # marginal CPU per streamed chunk <= thin's + 2 us
+    "added_p50_ms": 0.1,  # p50 at c1 (sequential) <= thin's + 0.1 ms
+    "rss_mb": 100.0,  # RSS with 1,000 concurrent streams
     "soak_growth_mb": 5.0,  # "flat": growth from 10% of the soak to its end
+    "report_s": 3.0,  # `metering-proxy report` over 1,000,000 records, wall seconds
+    "report_rss_mb": 120.0,  # ... and its peak RSS
     "ttft_ms": 2.0,  # |recorded ttft - truth|
 }
 
@@ -61,8 +70,9 @@ class Settings:
 
     def __init__(self, quick: bool) -> None:
         self.quick = quick
-        self.round_s = 2 if quick else 3  # one load run of a throughput phase (whole seconds: wrk's -d)
-        self.rounds = 2 if quick else 3  # alternating rounds per throughput phase (direct, proxy, bare, ...)
+        self.round_s = 2 if quick else 3  # one load run of a c16 throughput phase (whole seconds: wrk's -d)
+        self.side_round_s = 1 if quick else 3  # the same for c1 and c64 (no target rides on them) and workers
+        self.rounds = 2 if quick else 3  # alternating rounds per throughput phase (direct, proxy, thin, ...)
         self.warmup_s = 1  # once per target at start, non-streaming and streaming
         self.litellm_rounds = 1 if quick else 2  # LiteLLM only needs a rough figure (~1% of direct)
         self.litellm_round_s = 2 if quick else 3
@@ -79,6 +89,7 @@ class Settings:
         self.soak_concurrency = 16
         self.soak_stream_every = 4  # every 4th soak call is a 20-chunk stream
         self.soak_limit_s = 60 if quick else 150
+        self.report_timeout_s = 900  # a first run builds the 1.3 GB file (about 35 s), then reuses it
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -420,6 +431,7 @@ class Bench:
         self.expected: dict[str, dict[str, Any]] = {}  # run_id -> calls made through the proxy
         self.res: dict[str, Any] = {"phases": {}}
         self.rows: list[tuple[str, str, str, str]] = []
+        self.sections: dict[int, str] = {}  # row index -> heading printed above it
         cpus = sorted(os.sched_getaffinity(0))
         pin = args.pin and len(cpus) >= 2
         self.cpu_proxy = cpus[0] if pin else None
@@ -427,6 +439,7 @@ class Bench:
         self.servers: dict[str, dict[str, Any]] = {}  # name -> {port, proc}
         self.t_start = time.monotonic()
         self.litellm_key = CLIENT_KEY
+        self.thin_loop = "?"  # the event loop passthrough.py runs on (its LOOP line)
         self.ttft_client: dict[str, float] = {}
         self.ttft_upstream: dict[str, float] = {}
         self.noise = {"busy_s": 0.0, "ours_s": 0.0, "softirq_s": 0.0, "steal_s": 0.0, "wall_s": 0.0}
@@ -480,13 +493,14 @@ class Bench:
         self.servers[name] = {"port": port, "proc": p}
         return None
 
-    def start_bare(self) -> None:
+    def start_thin(self) -> None:
         port = free_port()
         cmd = [PY, str(HERE / "passthrough.py"), "--port", str(port), "--upstream", self.upstream_url]
-        p = self.procs.start("bare", cmd, cpu=self.cpu_proxy)
-        wait_file_line(self.tmp / "bare.out", "READY ", p, 15)
+        p = self.procs.start("thin", cmd, cpu=self.cpu_proxy)
+        wait_file_line(self.tmp / "thin.out", "READY ", p, 15)
+        self.thin_loop = wait_file_line(self.tmp / "thin.out", "LOOP ", p, 1).split()[1]
         wait_http(port, "/healthz", p, 15)  # 404 from the pass-through itself is fine
-        self.servers["bare"] = {"port": port, "proc": p}
+        self.servers["thin"] = {"port": port, "proc": p}
 
     def litellm_python(self) -> str | None:
         py = self.args.litellm_python or PY
@@ -567,9 +581,7 @@ class Bench:
         busy0, irq0, steal0 = system_cpu_s()
         ours0, wall0 = self.ours_cpu_s(), time.monotonic()
         try:
-            return self._throughput(
-                kind, concurrency, targets, tag, rounds or self.s.rounds, seconds or self.s.round_s
-            )
+            return self._throughput(kind, concurrency, targets, tag, rounds or self.s.rounds, seconds or self.s.round_s)
         finally:
             busy1, irq1, steal1 = system_cpu_s()
             n = self.noise
@@ -596,13 +608,15 @@ class Bench:
                 r = self.load.timed(srv["port"], stream, concurrency, seconds, run_id, auth)
                 r["cpu_s"] = cpu_s(pid) - c0
                 out[t]["rounds"].append(r)
-                if t not in ("direct", "bare", "litellm"):
+                if t not in ("direct", "thin", "litellm"):
                     self.expect(run_id, r, concurrency)
         for t in targets:
             rs: list[dict[str, Any]] = out[t]["rounds"]
             done = sum(x["completed"] for x in rs)
             secs = sum(x["elapsed_s"] for x in rs)
             cpu = sum(x["cpu_s"] for x in rs)
+            p99s = [x["p99_us"] for x in rs if x.get("p99_us")]  # wrk only
+            p50s = [x["p50_us"] for x in rs if x.get("p50_us")]
             out[t].update(
                 rps=done / secs if secs else 0.0,
                 completed=done,
@@ -610,14 +624,20 @@ class Bench:
                 non2xx=sum(x["non2xx"] for x in rs),
                 cpu_us_per_call=cpu / done * 1e6 if done else None,
                 cpu_util=cpu / secs if secs else None,
+                p50_us=statistics.fmean(p50s) if p50s else None,  # mean of the rounds' wrk p50
+                p99_us=statistics.fmean(p99s) if p99s else None,  # mean of the rounds' wrk p99
             )
-        direct = out["direct"]["rps"]
-        for t in targets:
-            out[t]["ratio"] = out[t]["rps"] / direct if direct else None
-            out[t]["round_ratios"] = [
-                r["rps"] / d["rps"] if d["rps"] else None
-                for r, d in zip(out[t]["rounds"], out["direct"]["rounds"], strict=True)
-            ]
+        # ratio / round_ratios: to direct (info); ratio_thin / round_ratios_thin: to the thin pass-through
+        for ref, suffix in (("direct", ""), ("thin", "_thin")):
+            if ref not in out:
+                continue
+            base = out[ref]["rps"]
+            for t in targets:
+                out[t]["ratio" + suffix] = out[t]["rps"] / base if base else None
+                out[t]["round_ratios" + suffix] = [
+                    r["rps"] / d["rps"] if d["rps"] else None
+                    for r, d in zip(out[t]["rounds"], out[ref]["rounds"], strict=True)
+                ]
         self.res["phases"][name] = out
         summary = ", ".join(f"{t} {out[t]['rps']:.0f}/s" for t in targets)
         self.log(f"  {summary}")
@@ -631,12 +651,12 @@ class Bench:
                 run_id = f"warmup-{t}-{'stream' if stream else 'nonstream'}"
                 auth = self.litellm_key if t == "litellm" else CLIENT_KEY
                 r = self.load.timed(self.servers[t]["port"], stream, 16, self.s.warmup_s, run_id, auth)
-                if t not in ("direct", "bare", "litellm"):
+                if t not in ("direct", "thin", "litellm"):
                     self.expect(run_id, r, 16)
 
     def latency(self) -> dict[str, Any]:
         s = self.s
-        targets = ["direct", "proxy", "bare"]
+        targets = ["direct", "proxy", "thin"]
         self.log(f"latency c1: {s.lat_rounds} rounds x {s.lat_calls} sequential calls per target")
         lat: dict[str, list[float]] = {t: [] for t in targets}
         errors: Counter[str] = Counter()
@@ -668,13 +688,15 @@ class Bench:
                 "p99_us": pct(xs, 99),
                 "mean_us": statistics.fmean(xs) if xs else None,
             }
-        for t in ("proxy", "bare"):
+        for t in ("proxy", "thin"):  # added over direct (info)
             out[t]["added_p50_ms"] = (out[t]["p50_us"] - out["direct"]["p50_us"]) / 1000
             out[t]["added_p99_ms"] = (out[t]["p99_us"] - out["direct"]["p99_us"]) / 1000
+        out["proxy"]["added_p50_vs_thin_ms"] = (out["proxy"]["p50_us"] - out["thin"]["p50_us"]) / 1000
+        out["proxy"]["added_p99_vs_thin_ms"] = (out["proxy"]["p99_us"] - out["thin"]["p99_us"]) / 1000
         self.res["phases"]["latency_c1"] = out
         self.log(
             f"  p50 direct {out['direct']['p50_us']:.0f} us, proxy {out['proxy']['p50_us']:.0f} us, "
-            f"bare {out['bare']['p50_us']:.0f} us"
+            f"thin {out['thin']['p50_us']:.0f} us"
         )
         return out
 
@@ -683,9 +705,7 @@ class Bench:
         self.log(f"ttft: {s.ttft_calls} streams with a {s.ttft_delay_ms} ms first-token delay")
         hdr = ["--stream", "--header", f"X-Fake-Ttft-Ms: {s.ttft_delay_ms}", "--header", "X-Fake-Chunks: 5"]
         port = self.servers["direct"]["port"]
-        d = self.load.py(
-            "ttft", port, "ttft-direct", 60, "--calls", str(s.ttft_direct_calls), "--seq-tag", "d", *hdr
-        )
+        d = self.load.py("ttft", port, "ttft-direct", 60, "--calls", str(s.ttft_direct_calls), "--seq-tag", "d", *hdr)
         p = self.load.py(
             "ttft",
             self.servers["proxy"]["port"],
@@ -726,9 +746,7 @@ class Bench:
     def slow_streams(self) -> dict[str, Any]:
         s = self.s
         pid = self.servers["proxy"]["proc"].pid
-        self.log(
-            f"rss: {s.slow_streams} concurrent streams of {s.slow_chunks} chunks every {s.slow_delay_ms} ms"
-        )
+        self.log(f"rss: {s.slow_streams} concurrent streams of {s.slow_chunks} chunks every {s.slow_delay_ms} ms")
         before = rss_mb(pid)
         with RssSampler(pid) as sampler:
             r = self.load.py(
@@ -867,7 +885,7 @@ class Bench:
             return out
         out = {"workers": n}
         for kind in ("nonstream", "stream"):
-            out[kind] = self.throughput(kind, 64, ["direct", name], tag=f"_w{n}")
+            out[kind] = self.throughput(kind, 64, ["direct", name], tag=f"_w{n}", seconds=self.s.side_round_s)
         self.procs.stop(self.servers[name]["proc"], signal.SIGTERM, 30)
         self.res["phases"]["workers"] = out
         return out
@@ -928,6 +946,55 @@ class Bench:
         top_incl = [{"function": f, "samples": c, "pct": 100 * c / total} for f, c in incl.most_common(12)]
         out = {"samples": total, "top_own": top, "top_proxy_inclusive": top_incl, "folded": str(keep)}
         self.res["phases"]["profile"] = out
+        return out
+
+    def report_phase(self) -> dict[str, Any]:
+        """`metering-proxy report` over a large run file, timed by report_bench.py in a child process.
+
+        report_bench.py builds the file under /tmp on its first use for a record count (1,000,000 records:
+        about 1.3 GB and 35 s) and reuses it after. It runs after the proxy has stopped, so nothing else
+        the benchmark started is busy.
+        """
+        a = self.args
+        if a.no_report:
+            return {"skipped": "--no-report"}
+        script = HERE / "report_bench.py"
+        if not script.exists():
+            return {"skipped": f"{script.name} not found"}
+        n = a.report_records
+        self.log(f"report: report_bench.py over {n:,} records (builds the file under /tmp on first use)")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(
+                [PY, str(script), "--json", "--repeat", "1", "--records", str(n)],
+                capture_output=True,
+                timeout=self.s.report_timeout_s,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return {"records": n, "failed": f"timed out after {self.s.report_timeout_s} s"}
+        wall = time.monotonic() - t0
+        line = next((x for x in reversed(p.stdout.decode(errors="replace").splitlines()) if x.startswith("{")), "")
+        if p.returncode != 0 or not line:
+            err = p.stderr.decode(errors="replace").strip()[-300:]
+            return {"records": n, "failed": f"exit {p.returncode}: {err}"}
+        r = orjson.loads(line)
+        # report_bench gives ru_maxrss / 1024 (MiB); the benchmark's MB are 10^6 bytes
+        rss = [x * 1.048576 for x in r["rss_mb"]]
+        out = {
+            "records": r.get("records", n),
+            "file_mb": r.get("file_mb"),
+            "wall_s": min(r["wall_s"]),
+            "rss_mb": max(rss),
+            "runs_wall_s": r["wall_s"],
+            "runs_rss_mib": r["rss_mb"],
+            "phase_s": wall,
+            "stderr": p.stderr.decode(errors="replace").strip()[-300:],
+        }
+        self.log(f"  report over {n:,} records: {out['wall_s']:.2f} s, peak RSS {out['rss_mb']:.0f} MB")
         return out
 
     # -- records --------------------------------------------------------------------------
@@ -997,14 +1064,14 @@ class Bench:
         why = self.start_proxy("proxy")
         if why is not None:
             raise RuntimeError(f"the proxy did not start: {why}")
-        self.start_bare()
-        targets = ["direct", "proxy", "bare"]
+        self.start_thin()
+        targets = ["direct", "proxy", "thin"]
         self.res["setup"] = self.setup()
         self.log("setup: " + ", ".join(f"{k}={v}" for k, v in self.res["setup"].items()))
         self.warmup(targets)
         for kind in ("nonstream", "stream"):
-            for c in (16, 64):
-                self.throughput(kind, c, targets)
+            for c in CONCURRENCIES:
+                self.throughput(kind, c, targets, seconds=self.s.round_s if c == 16 else self.s.side_round_s)
         self.latency()
         self.ttft()
         self.slow_streams()
@@ -1017,6 +1084,7 @@ class Bench:
             self.res["phases"]["workers"] = {"skipped": "--workers 1"}
         self.res["litellm_note"] = self.litellm_phase()
         self.check_records()
+        self.res["phases"]["report"] = self.report_phase()
         self.res["elapsed_s"] = time.monotonic() - self.t_start
         n = self.noise
         n["other_s"] = max(0.0, n["busy_s"] - n["ours_s"])
@@ -1052,13 +1120,15 @@ class Bench:
             "cpus": len(os.sched_getaffinity(0)),
             "load_generator": f"wrk ({self.load.wrk})" if self.load.wrk else "python loadgen.py",
             "upstream": f"fake_upstream.py --impl {a.upstream_impl}",
+            "event_loop": f"proxy: uvloop when it imports (event_loop: auto); thin: {self.thin_loop}",
             "pinning": (
-                f"proxy/bare/litellm on CPU {self.cpu_proxy}, upstream on CPU {self.cpu_upstream}, "
+                f"proxy/thin/litellm on CPU {self.cpu_proxy}, upstream on CPU {self.cpu_upstream}, "
                 "load generator unpinned"
             )
             if self.cpu_proxy is not None
             else "none",
             "round_s": self.s.round_s,
+            "side_round_s": self.s.side_round_s,
             "rounds": self.s.rounds,
             "stream_chunks": STREAM_CHUNKS,
             "flush_interval_ms": FLUSH_MS,
@@ -1070,90 +1140,123 @@ class Bench:
     def row(self, metric: str, value: str, target: str = "", ok: bool | None = None) -> None:
         self.rows.append((metric, value, target, "" if ok is None else ("pass" if ok else "FAIL")))
 
+    def section(self, title: str) -> None:
+        """A heading printed above the next row."""
+        self.sections[len(self.rows)] = title
+
+    def report_row(self, rp: dict[str, Any], H: dict[str, Any]) -> None:
+        T = TARGETS
+        n = rp.get("records", self.args.report_records)
+        target = f"<= {T['report_s']:.0f} s, <= {T['report_rss_mb']:.0f} MB peak RSS"
+        if "skipped" in rp:
+            self.row(f"report over {n:,} records", "skipped: " + rp["skipped"], target)
+            return
+        if "failed" in rp:
+            self.row(f"report over {n:,} records", "failed: " + rp["failed"][:200], target, False)
+            return
+        H.update(report_records=n, report_wall_s=rp["wall_s"], report_rss_mb=rp["rss_mb"])
+        wall_target = T["report_s"] * n / REPORT_RECORDS  # a report reads every line: linear in records
+        note = ""
+        if n != REPORT_RECORDS:
+            why = "--quick" if self.args.quick else "--report-records"
+            note = f"; {why}: {n:,} records, not {REPORT_RECORDS:,}: wall target scaled, RSS not"
+            target = f"<= {wall_target:.2f} s (scaled), <= {T['report_rss_mb']:.0f} MB peak RSS"
+        self.row(
+            f"report over {n:,} records: wall, peak RSS",
+            f"{rp['wall_s']:.2f} s, {rp['rss_mb']:.0f} MB ({rp['file_mb']:.0f} MB file, 1 run{note})",
+            target,
+            rp["wall_s"] <= wall_target and rp["rss_mb"] <= T["report_rss_mb"],
+        )
+
     def report(self) -> int:
         P, T = self.res["phases"], TARGETS
-        for kind, c in (("nonstream", 16), ("nonstream", 64), ("stream", 16), ("stream", 64)):
-            ph = P[f"{kind}_c{c}"]
-            label = "non-streaming" if kind == "nonstream" else f"{STREAM_CHUNKS}-chunk streams"
-            d, p, b = ph["direct"], ph["proxy"], ph["bare"]
-            target = (
-                T["ns_c16_ratio"]
-                if (kind, c) == ("nonstream", 16)
-                else (T["stream_ratio"] if kind == "stream" else None)
-            )
-            spread = "/".join(f"{x:.2f}" for x in p["round_ratios"] if x is not None)
-            self.row(
-                f"throughput {label} c{c}: proxy/direct",
-                f"{p['ratio']:.3f}x ({p['rps']:.0f} vs {d['rps']:.0f}/s; rounds {spread})",
-                f">= {target}x" if target else "(info)",
-                None if target is None else p["ratio"] >= target,
-            )
-            self.row(
-                f"  reference: bare aiohttp pass-through c{c}",
-                f"{b['ratio']:.3f}x ({b['rps']:.0f}/s); proxy/bare {p['rps'] / b['rps']:.2f}x",
-                "(info)",
-            )
-            lp = P.get(f"{kind}_c{c}_litellm")
-            if lp is not None:
-                ll = lp["litellm"]
+        H: dict[str, Any] = {}  # the headline figures, also written to the JSON as "headline"
+        label = {"nonstream": "non-streaming", "stream": f"{STREAM_CHUNKS}-chunk streams"}
+        self.section("HEADLINE: the proxy against the thin pass-through (passthrough.py); issue 16's targets")
+        for kind in ("nonstream", "stream"):
+            for c in CONCURRENCIES:
+                ph = P[f"{kind}_c{c}"]
+                p, t = ph["proxy"], ph["thin"]
+                ratio = p["ratio_thin"]
+                H[f"throughput_{kind}_c{c}_proxy_thin"] = ratio
+                spread = "/".join(f"{x:.2f}" for x in p["round_ratios_thin"] if x is not None)
+                target = T["thin_ratio"] if c == 16 else None
                 self.row(
-                    f"  LiteLLM proxy c{c}: litellm/direct",
-                    f"{ll['ratio']:.4f}x ({ll['rps']:.0f} vs "
-                    f"{lp['direct']['rps']:.0f}/s, {ll['errors'] + ll['non2xx']} errors; CPU "
-                    f"{ll['cpu_us_per_call'] or 0:.0f} us/call)",
-                    "(info)",
+                    f"throughput {label[kind]} c{c}: proxy/thin",
+                    f"{ratio:.3f}x ({p['rps']:.0f} vs {t['rps']:.0f}/s; rounds {spread})",
+                    f">= {target}x thin" if target else "(info)",
+                    None if target is None else ratio >= target,
                 )
-            bad = sum(ph[t]["errors"] + ph[t]["non2xx"] for t in ("direct", "proxy", "bare"))
-            if bad:
-                self.row(f"  errors/non-2xx in {kind} c{c}", str(bad), "0", False)
-        if self.res["litellm_note"]:
-            self.row("LiteLLM proxy rows", "skipped: " + self.res["litellm_note"], "(info)")
+                bad = sum(ph[x]["errors"] + ph[x]["non2xx"] for x in ("direct", "proxy", "thin"))
+                if bad:
+                    self.row(f"  errors/non-2xx in {kind} c{c}", str(bad), "0", False)
+        for kind in ("nonstream", "stream"):
+            p, t = P[f"{kind}_c16"]["proxy"], P[f"{kind}_c16"]["thin"]
+            name = f"p99 latency c16 {label[kind]} (wrk): proxy/thin"
+            if p["p99_us"] and t["p99_us"]:
+                r = p["p99_us"] / t["p99_us"]
+                H[f"p99_c16_{kind}_proxy_thin"] = r
+                self.row(
+                    name,
+                    f"{r:.2f}x ({p['p99_us'] / 1000:.2f} vs {t['p99_us'] / 1000:.2f} ms; "
+                    f"p50 {p['p50_us'] / 1000:.2f} vs {t['p50_us'] / 1000:.2f} ms; mean of the rounds)",
+                    f"<= {T['p99_vs_thin']}x thin",
+                    r <= T["p99_vs_thin"],
+                )
+            else:
+                self.row(name, "n/a: only wrk reports latency under load", f"<= {T['p99_vs_thin']}x thin")
+        ns, st = P["nonstream_c16"], P["stream_c16"]
+        cp, ct = ns["proxy"]["cpu_us_per_call"], ns["thin"]["cpu_us_per_call"]
+        sp, stt = st["proxy"]["cpu_us_per_call"], st["thin"]["cpu_us_per_call"]
+        cr = cp / ct
+        mp, mt = (sp - cp) / STREAM_CHUNKS, (stt - ct) / STREAM_CHUNKS
+        extra = mp - mt
+        H.update(
+            cpu_call_us_proxy=cp,
+            cpu_call_us_thin=ct,
+            cpu_call_proxy_thin=cr,
+            cpu_chunk_us_proxy=sp / STREAM_CHUNKS,
+            cpu_chunk_us_thin=stt / STREAM_CHUNKS,
+            marginal_chunk_us_proxy=mp,
+            marginal_chunk_us_thin=mt,
+            extra_chunk_us=extra,
+        )
+        self.row(
+            "CPU per non-streaming call c16: proxy/thin",
+            f"{cr:.2f}x ({cp:.0f} vs {ct:.0f} us)",
+            f"<= {T['cpu_call_vs_thin']}x thin",
+            cr <= T["cpu_call_vs_thin"],
+        )
+        self.row(
+            "extra CPU per streamed chunk c16: proxy - thin",
+            f"{extra:+.1f} us (marginal, (stream - plain) / {STREAM_CHUNKS}: proxy {mp:.1f}, thin {mt:.1f} us;"
+            f" all-in, stream / {STREAM_CHUNKS}: proxy {sp / STREAM_CHUNKS:.1f}, thin {stt / STREAM_CHUNKS:.1f})",
+            f"<= {T['extra_chunk_us']:.0f} us over thin",
+            extra <= T["extra_chunk_us"],
+        )
         lat = P["latency_c1"]
-        self.row(
-            "added latency c1 p50 (proxy - direct)",
-            f"{lat['proxy']['added_p50_ms']:.3f} ms "
-            f"({lat['proxy']['p50_us']:.0f} vs {lat['direct']['p50_us']:.0f} us, n={lat['proxy']['n']})",
-            f"<= {T['added_p50_ms']} ms",
-            lat["proxy"]["added_p50_ms"] <= T["added_p50_ms"],
+        lp, lt = lat["proxy"], lat["thin"]
+        H.update(
+            p50_c1_us_proxy=lp["p50_us"],
+            p50_c1_us_thin=lt["p50_us"],
+            p99_c1_us_proxy=lp["p99_us"],
+            p99_c1_us_thin=lt["p99_us"],
+            added_p50_c1_ms=lp["added_p50_vs_thin_ms"],
         )
         self.row(
-            "added latency c1 p99 (proxy - direct)",
-            f"{lat['proxy']['added_p99_ms']:.3f} ms "
-            f"({lat['proxy']['p99_us']:.0f} vs {lat['direct']['p99_us']:.0f} us)",
-            "(info)",
+            "added p50 latency c1 (sequential): proxy - thin",
+            f"{lp['added_p50_vs_thin_ms']:.3f} ms ({lp['p50_us']:.0f} vs {lt['p50_us']:.0f} us, n={lp['n']})",
+            f"<= {T['added_p50_ms']} ms over thin",
+            lp["added_p50_vs_thin_ms"] <= T["added_p50_ms"],
         )
         self.row(
-            "  reference: bare pass-through added p50 / p99",
-            f"{lat['bare']['added_p50_ms']:.3f} / {lat['bare']['added_p99_ms']:.3f} ms",
-            "(info)",
-        )
-        ns16, ns64, st16, st64 = (
-            P[k]["proxy"] for k in ("nonstream_c16", "nonstream_c64", "stream_c16", "stream_c64")
-        )
-        cpu_call = ns16["cpu_us_per_call"]
-        self.row(
-            "proxy CPU per non-streaming call (c16)",
-            f"{cpu_call:.0f} us (c64: {ns64['cpu_us_per_call']:.0f}"
-            f" us; bare: {P['nonstream_c16']['bare']['cpu_us_per_call']:.0f} us)",
-            f"<= {T['cpu_call_us']:.0f} us",
-            cpu_call <= T["cpu_call_us"],
-        )
-        per_chunk = st16["cpu_us_per_call"] / STREAM_CHUNKS
-        marginal = (st16["cpu_us_per_call"] - cpu_call) / STREAM_CHUNKS
-        self.row(
-            "proxy CPU per streamed chunk (c16)",
-            f"{per_chunk:.1f} us (= {st16['cpu_us_per_call']:.0f} us "
-            f"per stream / {STREAM_CHUNKS}; c64: {st64['cpu_us_per_call'] / STREAM_CHUNKS:.1f} us; "
-            f"marginal over a plain call: {marginal:.1f} us)",
-            f"<= {T['cpu_chunk_us']:.0f} us",
-            per_chunk <= T["cpu_chunk_us"],
-        )
-        self.row(
-            "  proxy CPU use while saturated (c16 ns / stream)",
-            f"{ns16['cpu_util'] * 100:.0f}% / {st16['cpu_util'] * 100:.0f}% of one core",
+            "p99 latency c1 (sequential): proxy vs thin",
+            f"{lp['p99_us']:.0f} vs {lt['p99_us']:.0f} us ({lp['p99_us'] / lt['p99_us']:.2f}x, "
+            f"{lp['added_p99_vs_thin_ms']:+.3f} ms)",
             "(info)",
         )
         sl = P["slow_streams"]
+        H["rss_1000_streams_mb"] = sl["rss_peak_mb"]
         self.row(
             f"proxy RSS peak, {sl['streams']} concurrent slow streams",
             f"{sl['rss_peak_mb']:.1f} MB "
@@ -1163,6 +1266,7 @@ class Bench:
             sl["rss_peak_mb"] <= T["rss_mb"] and sl["ok"] == sl["streams"],
         )
         so = P["soak"]
+        H["soak_growth_mb"] = so["growth_mb"]
         self.row(
             f"proxy RSS over a {so['calls']}-call soak",
             f"{so['rss_start_mb']:.1f} -> "
@@ -1171,6 +1275,60 @@ class Bench:
             f"flat (<= +{T['soak_growth_mb']:.0f} MB after 10%)",
             so["growth_mb"] <= T["soak_growth_mb"] and not so["hard_limit_hit"],
         )
+        self.report_row(P["report"], H)
+        self.res["headline"] = H
+
+        self.section("secondary: against a direct connection to the fake upstream (info)")
+        for kind in ("nonstream", "stream"):
+            for c in CONCURRENCIES:
+                ph = P[f"{kind}_c{c}"]
+                d, p, t = ph["direct"], ph["proxy"], ph["thin"]
+                spread = "/".join(f"{x:.2f}" for x in p["round_ratios"] if x is not None)
+                self.row(
+                    f"throughput {label[kind]} c{c}: proxy/direct",
+                    f"{p['ratio']:.3f}x ({p['rps']:.0f} vs {d['rps']:.0f}/s; rounds {spread}); "
+                    f"thin/direct {t['ratio']:.3f}x",
+                    "(info)",
+                )
+                lp_ = P.get(f"{kind}_c{c}_litellm")
+                if lp_ is not None:
+                    ll = lp_["litellm"]
+                    self.row(
+                        f"  LiteLLM proxy c{c}: litellm/direct",
+                        f"{ll['ratio']:.4f}x ({ll['rps']:.0f} vs "
+                        f"{lp_['direct']['rps']:.0f}/s, {ll['errors'] + ll['non2xx']} errors; CPU "
+                        f"{ll['cpu_us_per_call'] or 0:.0f} us/call)",
+                        "(info)",
+                    )
+        if self.res["litellm_note"]:
+            self.row("LiteLLM proxy rows", "skipped: " + self.res["litellm_note"], "(info)")
+        self.row(
+            "added latency c1 p50 / p99 (proxy - direct)",
+            f"{lp['added_p50_ms']:.3f} / {lp['added_p99_ms']:.3f} ms "
+            f"(direct {lat['direct']['p50_us']:.0f} / {lat['direct']['p99_us']:.0f} us)",
+            "(info)",
+        )
+        self.row(
+            "added latency c1 p50 / p99 (thin - direct)",
+            f"{lt['added_p50_ms']:.3f} / {lt['added_p99_ms']:.3f} ms",
+            "(info)",
+        )
+        cpu = "; ".join(
+            f"c{c} {P[f'nonstream_c{c}']['proxy']['cpu_us_per_call']:.0f}/"
+            f"{P[f'nonstream_c{c}']['thin']['cpu_us_per_call']:.0f} plain, "
+            f"{P[f'stream_c{c}']['proxy']['cpu_us_per_call']:.0f}/"
+            f"{P[f'stream_c{c}']['thin']['cpu_us_per_call']:.0f} stream"
+            for c in CONCURRENCIES
+        )
+        self.row("CPU per call, proxy/thin (us)", cpu, "(info)")
+        self.row(
+            "  CPU use while saturated, c16 plain / stream",
+            f"proxy {ns['proxy']['cpu_util'] * 100:.0f}% / {st['proxy']['cpu_util'] * 100:.0f}%, thin "
+            f"{ns['thin']['cpu_util'] * 100:.0f}% / {st['thin']['cpu_util'] * 100:.0f}% of one core",
+            "(info)",
+        )
+
+        self.section("checks")
         rec = P["records"]
         bad_runs = [k for k, v in rec["runs"].items() if not v["match"]]
         soak_rec = rec["runs"].get("soak", {})
@@ -1269,9 +1427,13 @@ class Bench:
                 print(f"  {t['pct']:5.1f}%  {t['function']}")
         elif prof:
             print(f"\nprofile skipped: {prof['skipped']}")
-        self.res["table"] = [
-            dict(zip(("metric", "value", "target", "result"), r, strict=True)) for r in self.rows
-        ]
+        section = ""
+        self.res["table"] = []
+        for i, r in enumerate(self.rows):
+            section = self.sections.get(i, section)
+            self.res["table"].append(
+                {"section": section, **dict(zip(("metric", "value", "target", "result"), r, strict=True))}
+            )
         self.res["targets"] = TARGETS
         out = Path(self.args.json)
         out.write_bytes(orjson.dumps(self.res, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
@@ -1286,15 +1448,18 @@ class Bench:
         )
         print(
             f"load: {st['load_generator']}; upstream: {st['upstream']}; pinning: {st['pinning']}; "
-            f"{st['rounds']} alternating rounds x {st['round_s']} s per throughput phase\n"
+            f"{st['rounds']} alternating rounds x {st['round_s']} s per c16 throughput phase "
+            f"({st['side_round_s']} s at c1 and c64); event loop: {st['event_loop']}"
         )
         heads = ("metric", "value", "target", "result")
         widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(heads)]
         widths[1] = min(widths[1], 100)
         line = "  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))
-        print(line)
-        print("-" * len(line))
-        for r in self.rows:
+        for i, r in enumerate(self.rows):
+            if i in self.sections:
+                print(f"\n{self.sections[i]}")
+                print(line)
+                print("-" * len(line))
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
@@ -1319,7 +1484,7 @@ def count_lines(path: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="metering-proxy benchmark (see tests/benchmarks/README.md)")
-    parser.add_argument("--quick", action="store_true", help="shorter phases (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="shorter phases (under two minutes)")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
     parser.add_argument(
         "--workers",
@@ -1346,6 +1511,14 @@ def main() -> int:
     parser.add_argument("--profile-out", default="/tmp/metering-proxy-profile.folded")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (runs, logs)")
     parser.add_argument(
+        "--report-records",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"records for the report phase (default {REPORT_RECORDS:,}; 200,000 with --quick)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="skip the report phase (report_bench.py)")
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0,
@@ -1353,6 +1526,8 @@ def main() -> int:
         help="first wait up to S seconds for the machine to be idle (< 10%% CPU busy over 3 s)",
     )
     args = parser.parse_args()
+    if args.report_records is None:
+        args.report_records = 200_000 if args.quick else REPORT_RECORDS
     if args.wait_idle > 0:
         waited, frac = wait_idle(args.wait_idle)
         print(f"waited {waited:.0f} s for an idle machine; busy {frac * 100:.0f}%", file=sys.stderr)
