@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import os
 import stat
 from array import array
@@ -23,7 +24,7 @@ import orjson
 
 from proxy.config import RUN_ID_RE
 from proxy.records import UnsafeRunFile, open_run_file
-from proxy.whatif import Repriced, Repricer, WhatIf
+from proxy.whatif import Repricer, WhatIf
 
 SCHEMA = "metering-proxy.report/1"
 BY_FIELDS = ("model", "task", "upstream")
@@ -68,16 +69,31 @@ class RecordedCall(NamedTuple):
     tags: dict[str, Any]
 
 
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _epoch(ts: str) -> float:
-    """Return the epoch seconds of an ISO 8601 timestamp (naive means UTC)."""
+def _epoch_iso(ts: str) -> float:
     dt = datetime.fromisoformat(ts)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+#: Epoch seconds of the whole seconds ("2026-12-01T14:54:10") that record timestamps start with: a run's calls
+#: share them, and a datetime parse is most of the cost of reading a ts.
+_SECONDS: dict[str, int] = {}
+
+
+def _epoch(ts: str) -> float:
+    """Return the epoch seconds of an ISO 8601 timestamp (naive means UTC)."""
+    ms = ts[20:23]
+    if len(ts) == 24 and ts[19] == "." and ts[23] == "Z" and ms.isascii() and ms.isdigit():
+        # As records write it (YYYY-MM-DDTHH:MM:SS.mmmZ). (s*1000 + ms)/1000 is the float datetime.timestamp()
+        # gives: both are the correctly rounded quotient of the same integers.
+        sec = _SECONDS.get(ts[:19])
+        if sec is None:
+            if len(_SECONDS) >= 100_000:
+                _SECONDS.clear()
+            sec = _SECONDS[ts[:19]] = int(_epoch_iso(ts[:19]))
+        return (sec * 1000 + int(ms)) / 1000
+    return _epoch_iso(ts)
 
 
 def iso(epoch: float) -> str:
@@ -85,40 +101,52 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+#: The record fields a RecordedCall is made of, read with one C call (a record the proxy wrote has them all).
+_READ = ("ts", "duration_ms", "ttft_ms", "success", "status", "input_tokens", "cached_input_tokens",
+         "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_usd", "usage_source", "tokens_per_second",
+         "error", "request_id", "model", "requested_model", "task", "upstream", "tags")  # fmt: skip
+_read = operator.itemgetter(*_READ)
+
+
 def parse_call(obj: Any) -> RecordedCall:
     """Return the RecordedCall in a parsed record; raise TypeError/ValueError when it is not a record."""
     if not isinstance(obj, dict):
         raise TypeError("not a JSON object")
-    ts = obj.get("ts")
+    try:
+        values = _read(obj)
+    except KeyError:  # an older or hand-written record: a missing field reads as null
+        values = tuple(map(obj.get, _READ))
+    (ts, duration, ttft, success, status, inp, cached, cache_write, out, reasoning, cost, source, tps, error,
+     request_id, model, requested_model, task, upstream, tags) = values  # fmt: skip
     if not isinstance(ts, str):
         raise TypeError("no ts")
-    error = obj.get("error")
-    tags = obj.get("tags")
-    model = obj.get("model") or obj.get("requested_model")
-    task = obj.get("task")
-    upstream = obj.get("upstream")
-    return RecordedCall(
-        start=_epoch(ts),
-        duration_ms=float(obj.get("duration_ms") or 0.0),
-        ttft_ms=_opt_float(obj.get("ttft_ms")),
-        success=obj.get("success") is True,
-        status=int(obj.get("status") or 0),
-        input_tokens=int(obj.get("input_tokens") or 0),
-        cached_input_tokens=int(obj.get("cached_input_tokens") or 0),
-        cache_write_tokens=int(obj.get("cache_write_tokens") or 0),
-        output_tokens=int(obj.get("output_tokens") or 0),
-        reasoning_tokens=int(obj.get("reasoning_tokens") or 0),
-        cost_usd=_opt_float(obj.get("cost_usd")),
-        estimated=obj.get("usage_source") == "estimated",
-        tokens_per_second=_opt_float(obj.get("tokens_per_second")),
-        error=str(error.get("category") or "unknown") if isinstance(error, dict) else None,
-        request_id=str(obj.get("request_id") or ""),
-        ts=ts,
-        model=model if isinstance(model, str) else None,
-        task=task if isinstance(task, str) else None,
-        upstream=upstream if isinstance(upstream, str) else None,
-        tags=tags if isinstance(tags, dict) else {},
-    )
+    model = model or requested_model
+    # Positional, in field order: a NamedTuple built by keyword costs about twice as much, once per record.
+    return _new_call(RecordedCall, (
+        _epoch(ts),
+        float(duration or 0.0),
+        None if ttft is None else float(ttft),
+        success is True,
+        int(status or 0),
+        int(inp or 0),
+        int(cached or 0),
+        int(cache_write or 0),
+        int(out or 0),
+        int(reasoning or 0),
+        None if cost is None else float(cost),
+        source == "estimated",
+        None if tps is None else float(tps),
+        str(error.get("category") or "unknown") if isinstance(error, dict) else None,
+        str(request_id or ""),
+        ts,
+        model if isinstance(model, str) else None,
+        task if isinstance(task, str) else None,
+        upstream if isinstance(upstream, str) else None,
+        tags if isinstance(tags, dict) else {},
+    ))  # fmt: skip
+
+
+_new_call = tuple.__new__
 
 
 def nearest_rank(ordered: list[float], p: int) -> float | None:
@@ -146,7 +174,7 @@ class Stats:
         "dur_max", "ttft_n", "ttft_sum", "ttft_max", "errors", "durations", "ttfts", "whatif",
     )  # fmt: skip
 
-    def __init__(self, samples: bool = True, whatif: bool = False) -> None:
+    def __init__(self, samples: bool = True) -> None:
         self.calls = self.ok = self.input = self.cached = self.cache_write = self.output = self.reasoning = 0
         # Sums of floats as integers of fixed units (1e-10 USD, as records round cost_usd; 1e-6 ms; 1e-6
         # tokens/s): exact, so the figures do not depend on the order the calls are read in (a run file's
@@ -160,13 +188,12 @@ class Stats:
         # Exact percentiles need every value; None when only totals are wanted (GET /runs).
         self.durations: array[float] | None = array("d") if samples else None
         self.ttfts: array[float] | None = array("d") if samples else None
-        # report --price-as: the same calls at another model's rates.
-        self.whatif = WhatIf() if whatif else None
+        # report --price-as: the same calls at another model's rates (RunSummary folds these).
+        self.whatif: WhatIf | None = None
 
-    def add(self, c: RecordedCall, repriced: Repriced | None = None) -> None:
-        """Fold one call in (with its what-if outcome when the summary re-prices)."""
-        if self.whatif is not None and repriced is not None:
-            self.whatif.add(c.cost_usd, repriced)
+    def add(self, c: RecordedCall) -> None:
+        """Fold in one call."""
+        # Run for every record of a report, so written for speed: locals, one attribute store per counter.
         self.calls += 1
         if c.success:
             self.ok += 1
@@ -175,8 +202,9 @@ class Stats:
         self.cache_write += c.cache_write_tokens
         self.output += c.output_tokens
         self.reasoning += c.reasoning_tokens
-        if c.cost_usd is not None:
-            units = round(c.cost_usd * _USD_UNITS)
+        cost = c.cost_usd
+        if cost is not None:
+            units = round(cost * _USD_UNITS)
             self.cost += units
             self.priced += 1
             if c.estimated:
@@ -185,28 +213,66 @@ class Stats:
             self.unknown_cost += 1
         if c.estimated:
             self.est_calls += 1
-        if c.start < self.first_start:
-            self.first_start = c.start
-        end = c.start + c.duration_ms / 1000
+        start = c.start
+        ms = c.duration_ms
+        if start < self.first_start:
+            self.first_start = start
+        end = start + ms / 1000
         if end > self.last_end:
             self.last_end = end
-        self.call_ms += round(c.duration_ms * _MICRO)
-        if c.duration_ms > self.dur_max:
-            self.dur_max = c.duration_ms
-        if c.tokens_per_second is not None:
-            self.tps_sum += round(c.tokens_per_second * _MICRO)
+        self.call_ms += round(ms * _MICRO)
+        if ms > self.dur_max:
+            self.dur_max = ms
+        tps = c.tokens_per_second
+        if tps is not None:
+            self.tps_sum += round(tps * _MICRO)
             self.tps_n += 1
-        if c.ttft_ms is not None:
+        ttft = c.ttft_ms
+        if ttft is not None:
             self.ttft_n += 1
-            self.ttft_sum += round(c.ttft_ms * _MICRO)
-            if c.ttft_ms > self.ttft_max:
-                self.ttft_max = c.ttft_ms
+            self.ttft_sum += round(ttft * _MICRO)
+            if ttft > self.ttft_max:
+                self.ttft_max = ttft
             if self.ttfts is not None:
-                self.ttfts.append(c.ttft_ms)
+                self.ttfts.append(ttft)
         if self.durations is not None:
-            self.durations.append(c.duration_ms)
+            self.durations.append(ms)
         if c.error is not None:
             self.errors[c.error] = self.errors.get(c.error, 0) + 1
+
+    @classmethod
+    def combined(cls, parts: Iterable[Stats], samples: bool) -> Stats:
+        """Return one Stats for the union of the calls folded into parts (exact: every sum is an integer)."""
+        out = cls(samples)
+        for p in parts:
+            out.calls += p.calls
+            out.ok += p.ok
+            out.input += p.input
+            out.cached += p.cached
+            out.cache_write += p.cache_write
+            out.output += p.output
+            out.reasoning += p.reasoning
+            out.cost += p.cost
+            out.est_cost += p.est_cost
+            out.call_ms += p.call_ms
+            out.tps_sum += p.tps_sum
+            out.ttft_sum += p.ttft_sum
+            out.priced += p.priced
+            out.unknown_cost += p.unknown_cost
+            out.est_calls += p.est_calls
+            out.tps_n += p.tps_n
+            out.ttft_n += p.ttft_n
+            out.first_start = min(out.first_start, p.first_start)
+            out.last_end = max(out.last_end, p.last_end)
+            out.dur_max = max(out.dur_max, p.dur_max)
+            out.ttft_max = max(out.ttft_max, p.ttft_max)
+            for key, n in p.errors.items():
+                out.errors[key] = out.errors.get(key, 0) + n
+            if out.durations is not None and p.durations is not None:
+                out.durations.extend(p.durations)
+            if out.ttfts is not None and p.ttfts is not None:
+                out.ttfts.extend(p.ttfts)
+        return out
 
     def _dist(self, values: array[float] | None, n: int, total: float, top: float) -> dict[str, Any]:
         out: dict[str, Any] = {"count": n}
@@ -290,23 +356,28 @@ class LineReader:
         self.skipped = 0
         self.notes: list[str] = []
 
-    def take(self, lineno: int, line: bytes | str, terminated: bool = True) -> tuple[RecordedCall, Any] | None:
+    def take(
+        self, lineno: int, line: bytes | str, terminated: bool = True
+    ) -> tuple[RecordedCall, dict[str, Any]] | None:
         """Return (call, parsed record) for a record line; None (and a note) for anything else."""
-        body = line.strip()
-        if not body:
-            self._skip(lineno, "blank line")
-            return None
         try:
-            obj = orjson.loads(body)
-            call = parse_call(obj)
-        except (ValueError, TypeError, OverflowError) as exc:
-            why = (
-                "torn last line (no newline at the end: writer stopped mid-write)"
-                if not terminated
-                else (f"not a record ({exc if isinstance(exc, TypeError) else 'invalid JSON or field'})")
-            )
-            self._skip(lineno, why)
-            return None
+            call = parse_call(obj := orjson.loads(line))  # JSON's own whitespace (the newline) is allowed
+        except (ValueError, TypeError, OverflowError):
+            # Rare: only now strip (bytes.strip also drops \v and \f, which JSON does not allow around a value).
+            body = line.strip()
+            if not body:
+                self._skip(lineno, "blank line")
+                return None
+            try:
+                call = parse_call(obj := orjson.loads(body))
+            except (ValueError, TypeError, OverflowError) as exc:
+                why = (
+                    "torn last line (no newline at the end: writer stopped mid-write)"
+                    if not terminated
+                    else (f"not a record ({exc if isinstance(exc, TypeError) else 'invalid JSON or field'})")
+                )
+                self._skip(lineno, why)
+                return None
         self.records += 1
         return call, obj
 
@@ -398,6 +469,8 @@ class RunSummary:
         """What the report names as the run's "file": the path, or the table it was read from."""
         self.run_id = run_id
         self.specs = list(dict.fromkeys(by))
+        self.shown = self.specs
+        """The breakdowns the output has (all of specs unless show_only was called)."""
         self.samples = samples
         self.view_limit = view_calls
         self.repricer = price_as
@@ -410,12 +483,55 @@ class RunSummary:
         self.lineno = 0
         self.mtime = 0.0
         self.tail_note: str | None = None
-        self.stats = Stats(self.samples, self.repricer is not None)
         self.reader = LineReader()
-        self.breakdowns: dict[str, dict[str | None, Stats]] = {spec: {} for spec in self.specs}
+        # Each call is folded into one cell, the Stats of its combination of --by keys (one key with one spec);
+        # the run's totals and each breakdown's groups are the cells combined when asked for. One add per call
+        # instead of one for the run and one per spec: the fold is most of a large report's time.
+        self._cells: dict[Any, Stats] = {}
+        self._combined: tuple[Stats, dict[str, dict[str | None, Stats]]] | None = None
+        # What-if sums are floats, so they are kept apart and folded in file order as they always were.
+        self._whatif: WhatIf | None = WhatIf() if self.repricer is not None else None
+        self._whatif_groups: dict[str, dict[str | None, WhatIf]] = {spec: {} for spec in self.specs}
         self._slow: list[tuple[float, float, _Earlier, RecordedCall]] = []
         self._dear: list[tuple[float, float, _Earlier, RecordedCall]] = []
         self._recent: deque[dict[str, Any]] = deque(maxlen=self.view_limit)
+
+    def show_only(self, spec: str) -> None:
+        """Keep one breakdown in the output (report --html folds model and task for the page, prints --by)."""
+        self.shown = [spec]
+
+    def _cell_key(self, call: RecordedCall) -> Any:
+        specs = self.specs
+        if len(specs) == 1:
+            return _group_key(specs[0], call)
+        return tuple(_group_key(spec, call) for spec in specs)
+
+    def _combine(self) -> tuple[Stats, dict[str, dict[str | None, Stats]]]:
+        if self._combined is None:
+            cells = self._cells
+            run = Stats.combined(cells.values(), self.samples)
+            run.whatif = self._whatif
+            breakdowns: dict[str, dict[str | None, Stats]] = {}
+            for i, spec in enumerate(self.specs):
+                parts: dict[str | None, list[Stats]] = {}
+                for key, cell in cells.items():
+                    parts.setdefault(key if len(self.specs) == 1 else key[i], []).append(cell)
+                groups = breakdowns[spec] = {k: Stats.combined(v, self.samples) for k, v in parts.items()}
+                for k, group in groups.items():
+                    group.whatif = self._whatif_groups[spec].get(k)
+            self._combined = run, breakdowns
+        return self._combined
+
+    @property
+    def stats(self) -> Stats:
+        """The run's totals."""
+        return self._combine()[0]
+
+    @property
+    def breakdowns(self) -> dict[str, dict[str | None, Stats]]:
+        """Each shown --by spec's groups, by key."""
+        groups = self._combine()[1]
+        return {spec: groups[spec] for spec in self.shown}
 
     def update(self, final: bool = True) -> None:
         """Fold in the lines appended since the last update (blocking: run it in a thread off the loop).
@@ -457,34 +573,44 @@ class RunSummary:
         self._fold(line, True)
 
     def _fold(self, line: bytes | str, terminated: bool) -> None:
-        lineno = self.lineno
-        taken = self.reader.take(lineno, line, terminated)
+        taken = self.reader.take(self.lineno, line, terminated)
         if taken is None:
             return
         call, obj = taken
-        repriced = self.repricer.price(obj) if self.repricer is not None else None
-        self.stats.add(call, repriced)
-        for spec in self.specs:
-            key = _group_key(spec, call)
-            groups = self.breakdowns[spec]
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = Stats(self.samples, self.repricer is not None)
-            group.add(call, repriced)
+        self._combined = None
+        key = self._cell_key(call) if self.specs else None
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = Stats(self.samples)
+        cell.add(call)
+        if self._whatif is not None and self.repricer is not None:
+            repriced = self.repricer.price(obj)
+            self._whatif.add(call.cost_usd, repriced)
+            for spec in self.specs:
+                groups = self._whatif_groups[spec]
+                group_key = _group_key(spec, call)
+                whatif = groups.get(group_key)
+                if whatif is None:
+                    whatif = groups[group_key] = WhatIf()
+                whatif.add(call.cost_usd, repriced)
         # Bounded heaps; on ties the earlier call stays (by start, then request id: the same whatever order
-        # the calls are read in, a file's or the database's).
-        tie = (-call.start, _Earlier(call.request_id))
-        item = (call.duration_ms, *tie, call)
-        if len(self._slow) < TOP_N:
-            heapq.heappush(self._slow, item)
-        elif item[:3] > self._slow[0][:3]:
-            heapq.heapreplace(self._slow, item)
+        # the calls are read in, a file's or the database's). Most calls are not even a tie with the least
+        # kept one: they are turned away on the first number alone.
+        slow = self._slow
+        if len(slow) < TOP_N or call.duration_ms >= slow[0][0]:
+            item = (call.duration_ms, -call.start, _Earlier(call.request_id), call)
+            if len(slow) < TOP_N:
+                heapq.heappush(slow, item)
+            elif item[:3] > slow[0][:3]:
+                heapq.heapreplace(slow, item)
         if call.cost_usd is not None:
-            item = (call.cost_usd, *tie, call)
-            if len(self._dear) < TOP_N:
-                heapq.heappush(self._dear, item)
-            elif item[:3] > self._dear[0][:3]:
-                heapq.heapreplace(self._dear, item)
+            dear = self._dear
+            if len(dear) < TOP_N or call.cost_usd >= dear[0][0]:
+                item = (call.cost_usd, -call.start, _Earlier(call.request_id), call)
+                if len(dear) < TOP_N:
+                    heapq.heappush(dear, item)
+                elif item[:3] > dear[0][:3]:
+                    heapq.heapreplace(dear, item)
         if self.view_limit:
             self._recent.append({k: obj.get(k) for k in VIEW_FIELDS})
 

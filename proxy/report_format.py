@@ -319,7 +319,7 @@ def cli(args: argparse.Namespace) -> int:
         Path(args.html).write_text(ui.standalone_html(summaries[0]), encoding="utf-8")
         print(f"metering-proxy report: wrote {args.html}", file=sys.stderr)
         for s in summaries:  # the page shows model and task; the text output only the --by breakdown
-            s.breakdowns = {spec: s.breakdowns[spec]}
+            s.show_only(spec)
     doc = report.report_json(summaries)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))

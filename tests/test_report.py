@@ -7,11 +7,14 @@ import io
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy import report
 from proxy.cli import main
@@ -336,9 +339,7 @@ def test_cli_html_embeds_the_run(runs: Path, tmp_path: Path, capsys: pytest.Capt
     run = data["summary"]["runs"][0]
     assert run["records"] == 5 and set(run["breakdown"]) == {"upstream", "model", "task"}
     assert [c["request_id"] for c in data["calls"]] == [r["request_id"] for r in RUN_A]
-    assert (
-        "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
-    )  # offline
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # offline
 
 
 def test_html_embedding_cannot_break_out_of_the_script_tag(tmp_path: Path) -> None:
@@ -443,3 +444,66 @@ def test_figures_do_not_depend_on_the_order_calls_are_read_in(tmp_path: Path) ->
     assert docs[0] == docs[1] == docs[2]
     assert sums[0] == sums[1] == sums[2]
     assert [c["request_id"] for c in docs[0]["most_expensive"]] == [f"tie{i}" for i in range(5)]
+
+
+# -- the fast paths of a large report read the same values as the plain ones ------------------------------
+
+
+@given(st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 12, 31)))
+def test_cached_epoch_of_a_record_ts_is_the_datetime_timestamp(dt: datetime) -> None:
+    ts = dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    expected = datetime.fromisoformat(ts).replace(tzinfo=UTC).timestamp()
+    assert report._epoch(ts) == expected  # exactly the same float, cached seconds or not
+    assert report._epoch(ts) == expected
+
+
+@pytest.mark.parametrize(
+    "ts",
+    ["2026-12-01T14:54:10.63Z", "2026-12-01T14:54:10.630+00:00", "2026-12-01T14:54:10.630", "2026-12-01T14:54:10Z"],
+)
+def test_other_timestamp_spellings_are_read_as_before(ts: str) -> None:
+    dt = datetime.fromisoformat(ts)
+    expected = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    assert report._epoch(ts) == expected
+
+
+def test_a_non_ascii_digit_in_the_milliseconds_is_not_taken_as_a_number() -> None:
+    with pytest.raises(ValueError):
+        report._epoch("2026-12-01T14:54:10.\u0661\u0662\u0663Z")  # Arabic-Indic digits: not an ISO 8601 ts
+
+
+def test_a_record_missing_fields_reads_them_as_null() -> None:
+    call = report.parse_call({"ts": "2026-12-01T14:54:10.630Z"})
+    assert call.duration_ms == 0.0 and call.ttft_ms is None and call.model is None and call.tags == {}
+    assert call.request_id == "" and call.error is None and call.status == 0 and not call.success
+
+
+def test_a_line_padded_with_form_feeds_is_read_as_before(tmp_path: Path) -> None:
+    rec = orjson.dumps({"ts": "2026-12-01T14:54:10.630Z", "duration_ms": 5, "success": True})
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\x0c" + rec + b"\x0b\n" + b"  \n")  # bytes.strip() drops \f and \v; JSON does not allow them
+    s = report.summarize(path, "r")
+    assert s.reader.records == 1 and s.reader.skipped == 1 and s.reader.notes == ["line 2: blank line; skipped"]
+
+
+@pytest.mark.parametrize("by", [(), ("model",), ("model", "task"), ("task", "tag:variant", "model")])
+def test_breakdowns_are_the_same_whatever_specs_are_combined(tmp_path: Path, by: tuple[str, ...]) -> None:
+    # Calls are folded once into a cell per combination of keys; each breakdown must equal its own fold.
+    lines = []
+    for i in range(60):
+        rec = {"ts": f"2026-12-01T14:54:{i % 60:02d}.{i:03d}Z", "request_id": f"req_{i:03d}",
+               "model": ["a", "b", None][i % 3], "task": ["x", "y"][i % 2], "tags": {"variant": str(i % 4)},
+               "duration_ms": 10.5 + i, "ttft_ms": (i / 3) if i % 5 else None, "success": i % 7 != 0,
+               "input_tokens": i * 11, "output_tokens": i, "cost_usd": i / 1e6 if i % 4 else None,
+               "error": {"category": "upstream_error"} if i % 7 == 0 else None}  # fmt: skip
+        lines.append(orjson.dumps(rec))
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    together = report.summarize(path, "r", by=by).to_json()
+    for spec in by:
+        alone = report.summarize(path, "r", by=(spec,)).to_json()
+        assert together["breakdown"][spec] == alone["breakdown"][spec]
+        assert {k: v for k, v in together.items() if k != "breakdown"} == {
+            k: v for k, v in alone.items() if k != "breakdown"
+        }
+    assert together["calls"]["total"] == 60 and together["tokens"]["input"] == sum(i * 11 for i in range(60))
