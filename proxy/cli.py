@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="read the runs from this PostgreSQL calls table (the fleet's records) instead of files")
     rep.add_argument("--config", type=Path,
                      help="YAML config file: with --db omitted, its ship.postgres database is read if it has one")
+    rep.add_argument("--jobs", type=_jobs, default=_default_jobs(), metavar="N",
+                     help="processes that read a large run file (32 MiB or more) in parts; 1: this one alone"
+                          " (default: the CPUs this process may use, at most 8)")
     demo = sub.add_parser("demo", help="try it with no key: a simulated upstream, two runs, a report, the dashboard")
     demo.add_argument("--port", type=int, default=8787, help="proxy port on 127.0.0.1; 0: any free port (default 8787)")
     demo.add_argument("--runs-dir", default="runs", help="where the demo runs are written (default ./runs)")
@@ -90,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after printing the report instead of serving the dashboard until Ctrl-C")  # fmt: skip
     return parser
+
+
+def _default_jobs() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _jobs(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be 1 to 64")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,14 +82,14 @@ def open_run_fd(name: str | Path, flags: int, shown: Path, verb: str, dir_fd: in
     return fd
 
 
-def open_run_file(path: Path) -> BinaryIO:
+def open_run_file(path: Path, buffering: int = -1) -> BinaryIO:
     """Open a run file for reading, the one way the /runs API, report and budgets' replay open them.
 
     path's last component is never followed (the caller builds it as runs_dir / f"{valid run id}.jsonl",
     so it names a file directly in the runs dir). FileNotFoundError when there is none, UnsafeRunFile
     when it is anything but a regular file.
     """
-    return os.fdopen(open_run_fd(path, os.O_RDONLY, path, "read"), "rb")
+    return os.fdopen(open_run_fd(path, os.O_RDONLY, path, "read"), "rb", buffering=buffering)
 
 
 @dataclass(frozen=True, slots=True)

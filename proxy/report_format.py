@@ -285,7 +285,9 @@ def _summaries(args: argparse.Namespace, by: list[str], repricer: whatif.Reprice
     for run_id in args.run_ids:
         try:
             path = report.run_path(runs_dir, run_id)
-            summaries.append(report.summarize(path, run_id, by, view_calls=view_calls, price_as=repricer))
+            summaries.append(
+                report.summarize(path, run_id, by, view_calls=view_calls, price_as=repricer, jobs=args.jobs)
+            )
         except RunNotFound as exc:
             known = report.list_runs(runs_dir)
             hint = f" (runs there: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else ""

@@ -507,3 +507,73 @@ def test_breakdowns_are_the_same_whatever_specs_are_combined(tmp_path: Path, by:
             k: v for k, v in alone.items() if k != "breakdown"
         }
     assert together["calls"]["total"] == 60 and together["tokens"]["input"] == sum(i * 11 for i in range(60))
+
+
+def _varied_lines(n: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        rec = {"ts": f"2026-12-01T14:{i // 60 % 60:02d}:{i % 60:02d}.{i % 1000:03d}Z", "request_id": f"req_{i:05d}",
+               "model": ["a", "b", "c"][i % 3], "task": ["x", "y", None][i % 3], "tags": {"v": str(i % 5)},
+               "duration_ms": float(i % 97), "ttft_ms": (i % 13) / 3 if i % 4 else None, "success": i % 9 != 0,
+               "input_tokens": i, "output_tokens": i % 50, "cost_usd": (i % 31) / 1e7 if i % 6 else None,
+               "error": {"category": "timeout"} if i % 9 == 0 else None, "tokens_per_second": i / 7}  # fmt: skip
+        out.append(orjson.dumps(rec))
+    return out
+
+
+@pytest.mark.parametrize("jobs", [2, 3, 5])
+def test_a_file_read_in_parts_gives_exactly_the_summary_of_one_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    monkeypatch.setattr(report, "PARALLEL_MIN_BYTES", 1)
+    lines = _varied_lines(3000)
+    # Lines that are no record, spread over the file (so over the cuts), and a torn last line.
+    for at in (5, 700, 1499, 1500, 1501, 2200, 2999):
+        lines.insert(at, b"{not json" if at % 2 else b"")
+    body = b"\n".join(lines) + b'\n{"ts": "2026-12-01T1'
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(body)
+    one = report.summarize(path, "r", by=("model", "tag:v"), view_calls=40, jobs=1)
+    parts = report.summarize(path, "r", by=("model", "tag:v"), view_calls=40, jobs=jobs)
+    assert parts.to_json() == one.to_json()
+    assert parts.view_calls == one.view_calls
+    assert (parts.lineno, parts.offset, parts.reader.skipped) == (one.lineno, one.offset, one.reader.skipped) == (
+        3008, len(body), 8,
+    )  # fmt: skip
+    assert one.to_json()["notes"][:2] == [
+        "line 6: not a record (invalid JSON or field); skipped",
+        "line 701: blank line; skipped",
+    ]
+
+
+def test_cuts_fall_on_line_starts_and_cover_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    data = b"".join(b"x" * (i % 17) + b"\n" for i in range(500)) + b"tail"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        for parts in range(1, 9):
+            ranges = report._split(f, len(data), parts)
+            assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            assert all(data[a - 1 : a] == b"\n" for a, _ in ranges[1:])
+
+
+def test_the_report_command_reads_a_large_file_in_parts(tmp_path: Path) -> None:
+    # Through the real CLI in a subprocess (the workers are forked from it): same JSON with --jobs 1 and 2.
+    lines = _varied_lines(1000)
+    (tmp_path / "big.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    code = "import sys; from proxy import report, cli; report.PARALLEL_MIN_BYTES = 1; sys.exit(cli.main(sys.argv[1:]))"
+    outs = []
+    for jobs in ("1", "2"):
+        p = subprocess.run(
+            [sys.executable, "-c", code, "report", "big", "--runs-dir", str(tmp_path), "--json", "--jobs", jobs],
+            capture_output=True, timeout=120, check=True,
+        )  # fmt: skip
+        outs.append(orjson.loads(p.stdout))
+    assert outs[0] == outs[1] and outs[0]["runs"][0]["records"] == 1000
+
+
+def test_report_jobs_must_be_a_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "r", "--runs-dir", str(tmp_path), "--jobs", "0"])
+    assert exc.value.code == 2 and "--jobs: must be 1 to 64" in capsys.readouterr().err

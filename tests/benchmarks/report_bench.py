@@ -83,23 +83,25 @@ def build(path: Path, n: int, seed: int = 1) -> None:
 
 
 def time_report(path: Path, *args: str) -> dict[str, float]:
-    """Run the report CLI once on path; return its wall seconds and peak RSS (MB, of that child)."""
+    """Run `metering-proxy report` once on path, as a user would; return its wall seconds (interpreter start
+    included) and the peak RSS (MiB) of the command's process and of the largest of its workers."""
     code = (
-        "import resource, sys, time\n"
+        "import resource, sys\n"
         "from proxy.cli import main\n"
-        "t = time.perf_counter()\n"
         "rc = main(sys.argv[1:])\n"
         "sys.stdout.flush()\n"
-        "print(f'\\nWALL {time.perf_counter() - t:.3f} RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}',"
-        " file=sys.stderr)\n"
+        "self, kids = (resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+        "print(f'\\nRSS {self} {kids}', file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )
+    t = time.perf_counter()
     p = subprocess.run(
         [PY, "-c", code, "report", "--runs-dir", str(path.parent), path.stem, *args],
         capture_output=True, check=True, timeout=600,
     )  # fmt: skip
+    wall = time.perf_counter() - t
     last = p.stderr.decode().strip().splitlines()[-1].split()
-    return {"wall_s": float(last[1]), "rss_mb": int(last[3]) / 1024, "out_bytes": len(p.stdout)}
+    return {"wall_s": round(wall, 3), "rss_mb": int(last[1]) / 1024, "worker_rss_mb": int(last[2]) / 1024}
 
 
 def main() -> int:
@@ -108,6 +110,7 @@ def main() -> int:
     parser.add_argument("--file", type=Path, default=None, help="default /tmp/metering-report-<N>/big.jsonl")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--jobs", type=int, default=None, help="report --jobs (default: the command's own default)")
     args = parser.parse_args()
     path = args.file or Path(tempfile.gettempdir()) / f"metering-report-{args.records}" / "big.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,18 +118,22 @@ def main() -> int:
         t = time.perf_counter()
         build(path, args.records)
         print(f"built {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    runs = [time_report(path, "--json") for _ in range(args.repeat)]
+    extra = ["--jobs", str(args.jobs)] if args.jobs else []
+    runs = [time_report(path, "--json", *extra) for _ in range(args.repeat)]
     result = {
         "records": args.records,
         "file_mb": round(path.stat().st_size / 1e6, 1),
         "wall_s": [r["wall_s"] for r in runs],
         "rss_mb": [round(r["rss_mb"], 1) for r in runs],
+        "worker_rss_mb": [round(r["worker_rss_mb"], 1) for r in runs],
+        "jobs": args.jobs,
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"report over {args.records:,} records ({result['file_mb']} MB): wall {min(result['wall_s']):.2f} s"
-              f" (runs {result['wall_s']}), peak RSS {max(result['rss_mb']):.0f} MB")  # fmt: skip
+              f" (runs {result['wall_s']}), peak RSS {max(result['rss_mb']):.0f} MiB"
+              f" (largest worker {max(result['worker_rss_mb']):.0f} MiB)")  # fmt: skip
     return 0
 
 
