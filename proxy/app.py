@@ -198,10 +198,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Content-Type"),
         trust_env=False,
     )
-    app[FORWARDER].session = session
+    forwarder = app[FORWARDER]
+    forwarder.session = session
+    forwarder.read_watch.start()
     try:
         yield
     finally:
+        await forwarder.read_watch.stop()
         await session.close()
         await app[budgets.BUDGETS].store.close()  # settlements still scheduled reach the store first
         await sink.close()

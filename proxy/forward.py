@@ -20,6 +20,7 @@ from proxy.body import read_body
 from proxy.call import Call, to_record
 from proxy.config import RUN_ID_RE, Config, Upstream
 from proxy.errors import Category, ProxyError
+from proxy.read_watch import ReadWatch
 from proxy.records import JsonlSink, Record
 from proxy.tracecontext import CallFacts
 from proxy.usage import settle
@@ -81,6 +82,8 @@ class Forwarder:
         """Whether each call gets a span of the proxy's (its traceparent sent upstream)."""
         self.consumed_headers = _CONSUMED | hooks.consumed_headers
         """Lower-cased request headers the proxy reads itself and never sends upstream."""
+        self.read_watch = ReadWatch(cfg.timeouts.read_s)
+        """The read timeout of streams being relayed (started with the client session)."""
 
     # -- request side ----------------------------------------------------------------------
 
@@ -348,6 +351,9 @@ class Forwarder:
         meter = call.meter
         resp = web.StreamResponse(status=up.status, headers=self._client_headers(up, call, call.credentials))
         content = up.content
+        # The read timeout from here on is the watch's: no timer re-armed per chunk (see read_watch.py).
+        watched = self.read_watch.watch(up)
+        last_read = self.read_watch.last_read
         try:
             await resp.prepare(request)
             while True:
@@ -361,7 +367,10 @@ class Forwarder:
                     break
                 if not chunk:
                     break
-                out = meter.feed(chunk, perf_counter())
+                now = perf_counter()
+                if watched:
+                    last_read[content] = now
+                out = meter.feed(chunk, now)
                 if out:
                     # An in-band error may quote the injected key (a secret split across two reads is
                     # not caught: the stream is never held back to look for one). The client's own key
@@ -382,6 +391,9 @@ class Forwarder:
         except ConnectionError:
             if not call.delivered:
                 call.fail(Category.CLIENT_ABORTED, "the client disconnected mid-stream")
+        finally:
+            if watched:
+                self.read_watch.unwatch(up)
         return resp
 
     def _check_stream_end(self, call: Call) -> None:
