@@ -68,6 +68,8 @@ def _rate(value: Any) -> float | None:
 
 def _tokens(value: Any) -> int:
     """A count to price: whatever a caller built a Usage from, never negative, NaN or unbounded."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS_PER_CALL:  # what settle() builds: the usual case
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         return 0
     return int(min(max(value, 0), MAX_TOKENS_PER_CALL))
@@ -297,7 +299,7 @@ class PriceBook:
         source: str | None = None
         entry: dict[str, Any] | None = None
         embedding = dialect == "embeddings"
-        for name in (model, requested_model):
+        for name in (model, requested_model) if self._custom else ():
             if (custom := self._custom_for(name, upstream)) is not None:
                 rates, price_model, source = _custom_rates(custom), f"custom:{custom.model}", "custom"
                 break

@@ -76,6 +76,9 @@ class Upstreams:
         self._urls: dict[tuple[str, str], URL] = {}
         self._learned: dict[str, str] = {}
         """Providers told by an upstream's answers (its URL said nothing): they hold for all its endpoints."""
+        self._forwarded: dict[str, bool] = {}
+        """Whether a request header name, as a client spelt it, goes upstream (for _forwarded_for's set)."""
+        self._forwarded_for: AbstractSet[str] | None = None
         # Anthropic's API takes its key as x-api-key; everyone else as a Bearer token.
         unresolved = [u.name for u in cfg.upstreams if u.api_key_env and u.api_key is None]
         if unresolved:  # a Config built by hand: sending no key would look like the upstream's auth failing
@@ -138,14 +141,25 @@ class Upstreams:
         upstream that traces (vLLM) joins the trace as the proxy's child. Without one (OTel off, or a
         pass-through path) the client's traceparent and tracestate go on unchanged.
         """
-        out: CIMultiDict[str] = CIMultiDict()
         # RFC 9110 7.6.1: headers the client names in Connection are hop-by-hop too; drop them.
         named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
-        for key, value in headers.items():
-            low = key.lower()
-            if low in _REQUEST_DROP or low in consumed or low.startswith(TAG_PREFIX) or low in named:
-                continue
-            out.add(key, value)
+        if consumed is not self._forwarded_for:
+            self._forwarded, self._forwarded_for = {}, consumed
+        known = self._forwarded
+        if named <= _REQUEST_DROP:  # the usual case ("keep-alive"): a header's fate depends on its name only
+            # A client sends the same names call after call: each is judged once (a bounded number of names).
+            pairs = []
+            for key, value in headers.items():
+                keep = known.get(key)
+                if keep is None:
+                    keep = _forwarded(key.lower(), consumed, named)
+                    if len(known) < _MAX_KNOWN_HEADERS:
+                        known[key] = keep
+                if keep:
+                    pairs.append((key, value))
+        else:
+            pairs = [(k, v) for k, v in headers.items() if _forwarded(k.lower(), consumed, named)]
+        out: CIMultiDict[str] = CIMultiDict(pairs)
         auth = self._auth.get(upstream.name)
         if auth is not None:
             # The injected key replaces whatever credentials the client sent, in either header.
@@ -166,6 +180,14 @@ class Upstreams:
         """server.address and server.port of an upstream, from its base URL."""
         base = self._bases[upstream.name]
         return base.host, base.port
+
+
+_MAX_KNOWN_HEADERS = 1024
+
+
+def _forwarded(low: str, consumed: AbstractSet[str], named: AbstractSet[str]) -> bool:
+    """Whether a request header (its lower-cased name) goes upstream."""
+    return not (low in _REQUEST_DROP or low in consumed or low.startswith(TAG_PREFIX) or low in named)
 
 
 def client_headers(headers: Mapping[str, str], mask: Callable[[str, tuple[str, ...]], str],

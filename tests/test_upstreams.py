@@ -55,6 +55,38 @@ def test_request_headers_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out["x-api-key"] == "sk-injected-0123456789" and "Authorization" not in out
 
 
+def test_header_decisions_remembered_by_name_never_cross_calls() -> None:
+    # Names are judged once and remembered, but a header the Connection header names is dropped only in that
+    # call, and a name remembered as forwarded is still dropped when a later call names it.
+    up = Upstream(name="o", base_url="http://127.0.0.1:1/v1")
+    ups = Upstreams(Config(upstreams=(up,)))
+    consumed = frozenset({"x-run-id"})
+
+    def sent(connection: str) -> dict[str, str]:
+        headers = {"Connection": connection, "X-Hop": "1", "X-Run-Id": "r", "User-Agent": "sdk"}
+        return dict(ups.request_headers(CIMultiDictProxy(CIMultiDict(headers)), up, consumed))
+
+    assert sent("keep-alive") == {"X-Hop": "1", "User-Agent": "sdk"}
+    assert sent("keep-alive, X-Hop") == {"User-Agent": "sdk"}
+    assert sent("keep-alive") == {"X-Hop": "1", "User-Agent": "sdk"}
+    # Other consumed names (another caller's policy): judged afresh, not by what was remembered.
+    assert dict(ups.request_headers(CIMultiDictProxy(CIMultiDict({"X-Hop": "1"})), up, frozenset({"x-hop"}))) == {}
+
+
+def test_a_flood_of_header_names_is_judged_right_past_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import upstreams
+
+    monkeypatch.setattr(upstreams, "_MAX_KNOWN_HEADERS", 8)
+    up = Upstream(name="o", base_url="http://127.0.0.1:1/v1")
+    ups = Upstreams(Config(upstreams=(up,)))
+    consumed = frozenset({"x-run-id"})
+    for i in range(40):
+        headers = {f"X-N{i}": "v", f"X-Meter-Tag-T{i}": "t", "Keep-Alive": "5", "X-Run-Id": "r"}
+        out = ups.request_headers(CIMultiDictProxy(CIMultiDict(headers)), up, consumed)
+        assert dict(out) == {f"X-N{i}": "v"}
+    assert len(ups._forwarded) == 8
+
+
 def test_provider_is_configured_else_learned_once_and_kept() -> None:
     local = Upstream(name="l", base_url="http://127.0.0.1:8080/v1")
     ups = Upstreams(Config(upstreams=(local,)))
