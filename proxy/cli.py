@@ -258,16 +258,27 @@ def _run_worker(
     )
 
 
+#: Young-generation threshold of the collector while serving (CPython's default is 700). Nearly everything a
+#: call allocates is freed by reference counting when the call ends, but 16 calls in flight keep enough alive
+#: that 700 net allocations are reached every few calls: 347 young collections (121 ms) over 9,000 plain calls
+#: here, about 13 us a call. At 10,000 the same load ran no collection at all; cyclic garbage waits a little
+#: longer, a few kB.
+GC_YOUNG_THRESHOLD = 10_000
+
+
 async def _freeze_startup_heap(app: object) -> None:
     """Move everything loaded at start-up (the price table above all: ~2,000 dicts) out of the collector's way.
 
     Otherwise every full collection walks it: about 15 ms of pause, every second or so under load (the p99).
-    Those objects live as long as the process, so the collector has nothing to gain from them.
+    Those objects live as long as the process, so the collector has nothing to gain from them. Then raise the
+    young generation's threshold (GC_YOUNG_THRESHOLD).
     """
     import gc
 
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def _hold_further_signals(app: object) -> None:
