@@ -33,6 +33,25 @@ _CHAT_OUTPUT = frozenset({"content", "reasoning_content", "reasoning", "refusal"
 _MARKER = re.compile(rb'"(?:usage|finish_reason)"\s*+:\s*+(?!null)|"(?:error|tool_calls|timings|stats|x_groq)"')
 
 
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+def _suspect_at(chunk: bytes) -> int:
+    """Where the first byte is at which _routine_read would give up on a read: a marker, [DONE], CR, a backslash
+    or non-ASCII; -1 when there is none. Separate searches: one regex of them all tried its alternatives at every
+    byte, some 170 instructions a byte."""
+    cut = len(chunk)
+    for needle in (b"[DONE]", b"\\", b"\r"):
+        at = chunk.find(needle, 0, cut)
+        if at >= 0:
+            cut = at
+    if not chunk.isascii() and (m := _NON_ASCII.search(chunk, 0, cut)) is not None:
+        cut = m.start()
+    if (m := _MARKER.search(chunk)) is not None and m.start() < cut:
+        cut = m.start()
+    return cut if cut < len(chunk) else -1
+
+
 def _plain(data: bytes) -> bool:
     """ASCII JSON without escapes: its byte length equals its character count."""
     return data.isascii() and b"\\" not in data
@@ -45,6 +64,12 @@ def _routine_chunk(data: bytes) -> bool:
     finish_reason only count as absent in their null form, any other spelling is parsed to be safe.
     """
     return _MARKER.search(data) is None
+
+
+#: Dialects whose content chunks teach the meter a template (_overhead, _template), and how many events of a
+#: read it meters one by one looking for the first of them.
+_LEARNING = frozenset({"chat", "completions"})
+_LEARN_EVENTS = 4
 
 
 class Meter:
@@ -95,10 +120,41 @@ class Meter:
         if self.spec.ndjson:
             self._ndjson(chunk, now)
             return chunk
+        if self._overhead < 0 and self.dialect in _LEARNING and not self.decoder.pending:
+            return self._feed_learning(chunk, now)
+        return self._feed(chunk, now)
+
+    def _feed_learning(self, chunk: bytes, now: float) -> bytes:
+        """Meter a read from before the first content event an event at a time, until that event has taught
+        the fast paths their template; then the rest of the read at once.
+
+        A fast upstream's whole stream can come in one or two reads; decoded at once, every event of it
+        would be. The decoder reads any split of a stream the same (tests split every stream at every
+        byte), so cutting the read at event ends changes nothing but the work.
+        """
+        parts = []
+        start = 0
+        for _ in range(_LEARN_EVENTS):
+            end = chunk.find(b"\n\n", start) + 2
+            if end < 2 or end >= len(chunk):
+                break
+            parts.append(self._feed(chunk[start:end], now))
+            start = end
+            if self._overhead >= 0 or self.decoder.pending:
+                break
+        if not parts:
+            return self._feed(chunk, now)
+        parts.append(self._feed(chunk[start:], now))
+        return b"".join(parts)
+
+    def _feed(self, chunk: bytes, now: float) -> bytes:
         aligned = not self.decoder.pending
-        if aligned and self._overhead >= 0 and (self._templated(chunk) or self._routine_read(chunk)):
-            return chunk
-        events = self.decoder.feed(chunk)
+        head = 0
+        if aligned and self._overhead >= 0:
+            if self._templated(chunk) or self._routine_read(chunk):
+                return chunk
+            head = self._templated_head(chunk) or self._routine_head(chunk)
+        events = self.decoder.feed(chunk[head:] if head else chunk)
         if not self.strip_usage:
             for ev in events:
                 self._event(ev, now)
@@ -106,7 +162,7 @@ class Meter:
         kept = [ev.raw for ev in events if self._event(ev, now)]
         if aligned and len(kept) == len(events) and not self.decoder.pending:
             return chunk  # the chunk was whole events and none was dropped: no copy needed
-        return b"".join(kept)
+        return chunk[:head] + b"".join(kept)
 
     def _templated(self, chunk: bytes) -> bool:
         """Count a read that is the first content chunk with other text: no search, no decoding.
@@ -128,6 +184,28 @@ class Meter:
         self.output_chars += len(text)
         return True
 
+    def _templated_head(self, chunk: bytes) -> int:
+        """Count the events a read starts with that are each the template with other text (as _templated
+        checks one); return their length. A fast upstream's reads hold many deltas, then its final events."""
+        template = self._template
+        if template is None:
+            return 0
+        head, tail = template
+        least = len(head) + len(tail)
+        start = chars = n = 0
+        while (end := chunk.find(b"\n\n", start) + 2) >= 2:
+            if end - start < least or not chunk.startswith(head, start) or not chunk.endswith(tail, start, end):
+                break
+            text = chunk[start + len(head) : end - len(tail)]
+            if not text.isascii() or b'"' in text or b"\\" in text or b"\n" in text:
+                break
+            n += 1
+            chars += len(text)
+            start = end
+        self.events += n
+        self.output_chars += chars
+        return start
+
     def _learn_template(self, data: bytes, text: Any) -> None:
         """Keep the first content chunk's bytes around its text, if it is plain and has no marker."""
         if not isinstance(text, str) or not text or b"\n" in data or b"\r" in data:
@@ -141,7 +219,7 @@ class Meter:
                     self._template = (head, tail)
                 return
 
-    def _routine_read(self, chunk: bytes) -> bool:
+    def _routine_read(self, chunk: bytes, scanned: bool = False) -> bool:
         """Count a read of whole plain content events without decoding them; False if any needs a parse.
 
         Most reads of a stream are one routine content delta each; building Events and searching each
@@ -149,9 +227,9 @@ class Meter:
         they let through is exactly what _event would count unparsed: one-line ``data: `` events, ASCII
         without escapes, no marker (a JSON string cannot forge one), no [DONE], no empty data.
         """
-        if (not chunk.endswith(b"\n\n") or not _plain(chunk) or b"\r" in chunk or b"[DONE]" in chunk
-                or _MARKER.search(chunk) is not None):  # fmt: skip
-            return False
+        if not chunk.endswith(b"\n\n") or (not scanned and (
+                not _plain(chunk) or b"\r" in chunk or b"[DONE]" in chunk or _MARKER.search(chunk) is not None)):
+            return False  # fmt: skip
         n = chunk.count(b"\n\n")
         if chunk.count(b"\n") != 2 * n:
             return False  # a multi-line event (event:, comments...) or stray blank lines: the decoder reads it
@@ -166,6 +244,24 @@ class Meter:
         self.events += n
         self.output_chars += chars
         return True
+
+    def _routine_head(self, chunk: bytes) -> int:
+        """Count the whole routine content events a read starts with, when what follows them is not routine;
+        return their length (0: none counted, the whole read is decoded).
+
+        The read a stream ends with often holds its last content deltas together with the finish, usage and
+        [DONE] events (and a fast upstream's whole stream may come in one or two reads): only the part from
+        the event holding the first suspect byte on is decoded.
+        """
+        suspect = _suspect_at(chunk)
+        if suspect < 0:
+            return 0  # _routine_read refused it for something else (a multi-line event, a torn end)
+        end = chunk.rfind(b"\n\n", 0, suspect) + 2
+        # Nothing _routine_read looks for starts before end (the searches found the first of each), so it
+        # needs only check the events' shape there.
+        if end < 2 or not self._routine_read(chunk[:end], scanned=True):
+            return 0
+        return end
 
     def finish(self, now: float) -> bytes:
         """Meter what is left when the stream ends; return any bytes still owed to the client."""

@@ -466,6 +466,27 @@ _READS = {
     "finish-mid-read": [_content_chunk(" a") + _content_chunk("", "stop") + b"data: [DONE]\n\n"],
     "usage-mid-read": [_content_chunk(" a") + b'data: {"choices":[],"usage":{"prompt_tokens":1,'
                        b'"completion_tokens":2,"total_tokens":3}}\n\n'],
+    # A fast upstream's stream in one read: the deltas are counted unparsed, the rest decoded.
+    "whole-stream-in-one-read": [b"".join(_content_chunk(f" w{i}") for i in range(6)) + _content_chunk("", "stop")
+                                 + b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":6,'
+                                 b'"total_tokens":7}}\n\ndata: [DONE]\n\n'],
+    "non-ascii-after-content": [_content_chunk(" a") + _content_chunk(" b") + _content_chunk(" wörld")
+                                + _content_chunk(" c")],
+    "escape-after-content": [_content_chunk(" a") + _content_chunk("line\n") + _content_chunk(" c")],
+    "crlf-after-content": [_content_chunk(" a") + _content_chunk(" b").replace(b"\n\n", b"\r\n\r\n")],
+    "error-after-content": [_content_chunk(" a") + b'data: {"error":{"message":"overloaded","type":"x"}}\n\n'],
+    "event-line-after-content": [_content_chunk(" a") + b"event: message\n" + _content_chunk(" b")
+                                 + b"data: [DONE]\n\n"],
+    "template-other-template": [_content_chunk(" a") + _content_chunk(" b")
+                                + _content_chunk(" c").replace(b'"id":"c"', b'"id":"d"') + _content_chunk(" d")
+                                + b"data: [DONE]\n\n"],
+    # Deltas not of the first one's template (another id): counted by the routine checks, up to [DONE].
+    "untemplated-then-done": [_content_chunk(" a").replace(b'"id":"c"', b'"id":"d"')
+                              + _content_chunk(" b").replace(b'"id":"c"', b'"id":"d"') + b"data: [DONE]\n\n"],
+    "template-then-quote": [_content_chunk(" a") + _content_chunk(' say "hi"') + _content_chunk(" b")],
+    "template-then-newline-text": [_content_chunk(" a") + _HEAD + b"x\n\ny" + _TAIL + _content_chunk(" b")],
+    "torn-after-content": [_content_chunk(" a") + _content_chunk(" b")[:9], _content_chunk(" b")[9:]
+                           + b"data: [DONE]\n\n"],
 }  # fmt: skip
 
 
