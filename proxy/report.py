@@ -8,6 +8,7 @@ counted, never fatal.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import multiprocessing
@@ -175,6 +176,36 @@ def nearest_rank(ordered: list[float], p: int) -> float | None:
     return ordered[max(1, (p * n + 99) // 100) - 1]
 
 
+#: Samples are kept as sorted runs of at most this many values: sorting one makes that many float objects
+#: for a moment (about 2 MB), where sorting a million-call run at once made 32 MB of them.
+SORTED_RUN = 65_536
+
+
+def kth_smallest(runs: list[array[float]], k: int) -> float:
+    """The k-th smallest (1-based) of the values in sorted runs, found by bisection: no run is merged."""
+    live = [r for r in runs if r]
+    if len(live) == 1:
+        return live[0][k - 1]
+    best = math.inf
+    for run in live:
+        # The smallest value of this run with at least k values <= it; the answer is the least of those.
+        lo, hi = 0, len(run)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(bisect.bisect_right(other, run[mid]) for other in live) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < len(run):
+            best = min(best, run[lo])
+    return best
+
+
+def _percentile(runs: list[array[float]], n: int, p: int) -> float | None:
+    """The p-th percentile by nearest rank (as nearest_rank) of n values held in sorted runs."""
+    return kth_smallest(runs, max(1, (p * n + 99) // 100)) if n else None
+
+
 def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -183,13 +214,25 @@ _USD_UNITS = 10**10
 _MICRO = 10**6
 
 
+def _into_runs(runs: list[array[float]], fresh: array[float]) -> array[float]:
+    """Sort fresh into runs (with the last run if it is short); return the empty array to fold into next."""
+    if not fresh:
+        return fresh
+    if runs and len(runs[-1]) < SORTED_RUN:
+        fresh = runs.pop() + fresh
+    for at in range(0, len(fresh), SORTED_RUN):
+        runs.append(array("d", sorted(fresh[at : at + SORTED_RUN])))
+    return array("d")
+
+
 class Stats:
     """Counters for a set of calls (a run or one group of a breakdown), folded in one call at a time."""
 
     __slots__ = (
         "calls", "ok", "input", "cached", "cache_write", "output", "reasoning", "cost", "priced",
         "unknown_cost", "est_cost", "est_calls", "first_start", "last_end", "call_ms", "tps_sum", "tps_n",
-        "dur_max", "ttft_n", "ttft_sum", "ttft_max", "errors", "durations", "ttfts", "whatif", "_sorted",
+        "dur_max", "ttft_n", "ttft_sum", "ttft_max", "errors", "durations", "ttfts", "whatif", "dur_runs",
+        "ttft_runs",
     )  # fmt: skip
 
     def __init__(self, samples: bool = True) -> None:
@@ -208,7 +251,9 @@ class Stats:
         self.ttfts: array[float] | None = array("d") if samples else None
         # report --price-as: the same calls at another model's rates (RunSummary folds these).
         self.whatif: WhatIf | None = None
-        self._sorted = (0, 0)  # the sample counts when sort_samples last ran
+        # Samples already sorted, in runs of at most SORTED_RUN (durations and ttfts hold those not yet sorted).
+        self.dur_runs: list[array[float]] = []
+        self.ttft_runs: list[array[float]] = []
 
     def add(self, c: RecordedCall) -> None:
         """Fold in one call."""
@@ -260,14 +305,13 @@ class Stats:
             self.errors[c.error] = self.errors.get(c.error, 0) + 1
 
     def sort_samples(self) -> None:
-        """Sort the samples in place. Cells are sorted before they are combined: a concatenation of sorted runs
-        sorts in linear time, so the run's percentiles cost a merge, not a sort of every sample again (and
-        the parts of a parallel read are sorted in their own processes)."""
-        if self.durations is None or self.ttfts is None or self._sorted == (len(self.durations), len(self.ttfts)):
+        """Move the samples folded since the last call into sorted runs (the last, if short, is sorted again with
+        them). Cells are sorted before they are combined, and the parts of a parallel read in their own
+        processes; combining then only gathers runs, and percentiles bisect them (kth_smallest)."""
+        if self.durations is None or self.ttfts is None:
             return
-        self.durations = array("d", sorted(self.durations))
-        self.ttfts = array("d", sorted(self.ttfts))
-        self._sorted = (len(self.durations), len(self.ttfts))
+        self.durations = _into_runs(self.dur_runs, self.durations)
+        self.ttfts = _into_runs(self.ttft_runs, self.ttfts)
 
     @classmethod
     def combined(cls, parts: Iterable[Stats], samples: bool) -> Stats:
@@ -298,20 +342,25 @@ class Stats:
             for key, n in p.errors.items():
                 out.errors[key] = out.errors.get(key, 0) + n
             if out.durations is not None and p.durations is not None:
-                out.durations.extend(p.durations)
-            if out.ttfts is not None and p.ttfts is not None:
-                out.ttfts.extend(p.ttfts)
+                p.sort_samples()
+                out.dur_runs.extend(p.dur_runs)  # shared, not copied: a combined Stats is read, not folded into
+                out.ttft_runs.extend(p.ttft_runs)
         return out
 
-    def _dist(self, values: array[float] | None, n: int, total: float, top: float) -> dict[str, Any]:
+    def _dist(self, runs: list[array[float]] | None, n: int, total: float, top: float) -> dict[str, Any]:
         out: dict[str, Any] = {"count": n}
-        if values is not None:  # GET /runs totals keep no samples, so no percentiles
-            ordered = sorted(values)
-            out["p50"] = _r(nearest_rank(ordered, 50))
-            out["p95"] = _r(nearest_rank(ordered, 95))
+        if runs is not None:  # GET /runs totals keep no samples, so no percentiles
+            out["p50"] = _r(_percentile(runs, n, 50))
+            out["p95"] = _r(_percentile(runs, n, 95))
         out["max"] = _r(top) if n else None
         out["mean"] = _r(total / n) if n else None
         return out
+
+    def _runs(self, runs: list[array[float]]) -> list[array[float]] | None:
+        if self.durations is None:
+            return None
+        self.sort_samples()
+        return runs
 
     def to_json(self) -> dict[str, Any]:
         """Return the documented JSON shape (calls, tokens, cost_usd, time, duration_ms, ttft_ms, errors)."""
@@ -341,8 +390,8 @@ class Stats:
                 "tokens_per_second_mean": _r(self.tps_sum / _MICRO / self.tps_n) if self.tps_n else None,
                 "output_tokens_per_wall_s": _r(self.output / wall) if wall else None,
             },
-            "duration_ms": self._dist(self.durations, self.calls, self.call_ms / _MICRO, self.dur_max),
-            "ttft_ms": self._dist(self.ttfts, self.ttft_n, self.ttft_sum / _MICRO, self.ttft_max),
+            "duration_ms": self._dist(self._runs(self.dur_runs), self.calls, self.call_ms / _MICRO, self.dur_max),
+            "ttft_ms": self._dist(self._runs(self.ttft_runs), self.ttft_n, self.ttft_sum / _MICRO, self.ttft_max),
             "errors": dict(sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
         if self.whatif is not None:
@@ -653,6 +702,8 @@ class RunSummary:
                             pool.apply_async(_fold_part, (self._fresh(), st.st_ino, a, b)) for a, b in ranges[1:]
                         ]
                         self._fold_range(f, *ranges[0])
+                        for cell in self._cells.values():  # while the workers may still be folding theirs
+                            cell.sort_samples()
                         parts = [p.get() for p in pending]
                     for part in parts:
                         self._absorb(part)

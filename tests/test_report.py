@@ -577,3 +577,40 @@ def test_report_jobs_must_be_a_count(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exc:
         main(["report", "r", "--runs-dir", str(tmp_path), "--jobs", "0"])
     assert exc.value.code == 2 and "--jobs: must be 1 to 64" in capsys.readouterr().err
+
+
+@given(st.lists(st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=40), min_size=1, max_size=6),
+       st.integers(1, 100))  # fmt: skip
+def test_kth_smallest_of_sorted_runs_is_that_of_all_values(values: list[list[float]], p: int) -> None:
+    from array import array
+
+    runs = [array("d", sorted(v)) for v in values]
+    every = sorted(x for v in values for x in v)
+    if not every:
+        return
+    k = max(1, (p * len(every) + 99) // 100)
+    assert report.kth_smallest(runs, k) == every[k - 1] == report.nearest_rank(every, p)
+
+
+def test_samples_kept_in_short_sorted_runs_give_the_same_percentiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs of 7 values, samples sorted between updates of a file that grows: the same figures as one sort.
+    lines = _varied_lines(500)
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join(lines[:123]) + b"\n")
+    whole = tmp_path / "w.jsonl"
+    whole.write_bytes(b"\n".join(lines) + b"\n")
+    expected = report.summarize(whole, "r", by=("model", "task")).to_json()
+    monkeypatch.setattr(report, "SORTED_RUN", 7)
+    live = report.RunSummary(path, "r", by=("model", "task"))
+    live.update()
+    live.to_json()  # sorts what it has so far into runs
+    with open(path, "ab") as f:
+        f.write(b"\n".join(lines[123:]) + b"\n")
+    live.update()
+    got = live.to_json()
+    for doc in (got, expected):
+        doc.pop("file")
+    assert got == expected
+    assert max(len(r) for r in live.stats.dur_runs) <= 7
