@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-import multiprocessing
 import operator
 import os
 import stat
@@ -696,6 +695,8 @@ class RunSummary:
                 if len(ranges) > 1:
                     self._reset(st.st_ino)
                     self.mtime = st.st_mtime
+                    import multiprocessing  # here: the server, which never reads in parts, need not load it
+
                     # Pool forks its workers before it starts its own threads.
                     with multiprocessing.get_context("fork").Pool(len(ranges) - 1) as pool:
                         pending = [

@@ -614,3 +614,10 @@ def test_samples_kept_in_short_sorted_runs_give_the_same_percentiles(
         doc.pop("file")
     assert got == expected
     assert max(len(r) for r in live.stats.dur_runs) <= 7
+
+
+def test_the_server_does_not_load_multiprocessing() -> None:
+    # Only report's one-shot parallel read uses it; serve's processes need not carry it.
+    code = "import sys, proxy.app, proxy.cli; print('multiprocessing' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
