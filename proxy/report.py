@@ -172,7 +172,12 @@ def nearest_rank(ordered: list[float], p: int) -> float | None:
     n = len(ordered)
     if n == 0:
         return None
-    return ordered[max(1, (p * n + 99) // 100) - 1]
+    return ordered[_rank(n, p) - 1]
+
+
+def _rank(n: int, p: int) -> int:
+    """The nearest rank of the p-th percentile of n values: ceil(p/100*n), at least 1."""
+    return max(1, (p * n + 99) // 100)
 
 
 #: Samples are kept as sorted runs of at most this many values: sorting one makes that many float objects
@@ -202,7 +207,7 @@ def kth_smallest(runs: list[array[float]], k: int) -> float:
 
 def _percentile(runs: list[array[float]], n: int, p: int) -> float | None:
     """The p-th percentile by nearest rank (as nearest_rank) of n values held in sorted runs."""
-    return kth_smallest(runs, max(1, (p * n + 99) // 100)) if n else None
+    return kth_smallest(runs, _rank(n, p)) if n else None
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -355,15 +360,11 @@ class Stats:
         out["mean"] = _r(total / n) if n else None
         return out
 
-    def _runs(self, runs: list[array[float]]) -> list[array[float]] | None:
-        if self.durations is None:
-            return None
-        self.sort_samples()
-        return runs
-
     def to_json(self) -> dict[str, Any]:
         """Return the documented JSON shape (calls, tokens, cost_usd, time, duration_ms, ttft_ms, errors)."""
         wall = self.last_end - self.first_start if self.calls else None
+        self.sort_samples()
+        kept = self.durations is not None  # GET /runs totals keep no samples
         out = {
             "calls": {"total": self.calls, "ok": self.ok, "failed": self.calls - self.ok},
             "tokens": {
@@ -389,8 +390,8 @@ class Stats:
                 "tokens_per_second_mean": _r(self.tps_sum / _MICRO / self.tps_n) if self.tps_n else None,
                 "output_tokens_per_wall_s": _r(self.output / wall) if wall else None,
             },
-            "duration_ms": self._dist(self._runs(self.dur_runs), self.calls, self.call_ms / _MICRO, self.dur_max),
-            "ttft_ms": self._dist(self._runs(self.ttft_runs), self.ttft_n, self.ttft_sum / _MICRO, self.ttft_max),
+            "duration_ms": self._dist(self.dur_runs if kept else None, self.calls, self.call_ms / _MICRO, self.dur_max),
+            "ttft_ms": self._dist(self.ttft_runs if kept else None, self.ttft_n, self.ttft_sum / _MICRO, self.ttft_max),
             "errors": dict(sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
         if self.whatif is not None:
@@ -606,6 +607,10 @@ class RunSummary:
         """Keep one breakdown in the output (report --html folds model and task for the page, prints --by)."""
         self.shown = [spec]
 
+    def _sort_cells(self) -> None:
+        for cell in self._cells.values():
+            cell.sort_samples()
+
     def _cell_key(self, call: RecordedCall) -> Any:
         specs = self.specs
         if len(specs) == 1:
@@ -614,9 +619,8 @@ class RunSummary:
 
     def _combine(self) -> tuple[Stats, dict[str, dict[str | None, Stats]]]:
         if self._combined is None:
+            self._sort_cells()
             cells = self._cells
-            for cell in cells.values():
-                cell.sort_samples()
             run = Stats.combined(cells.values(), self.samples)
             run.whatif = self._whatif
             breakdowns: dict[str, dict[str | None, Stats]] = {}
@@ -703,8 +707,7 @@ class RunSummary:
                             pool.apply_async(_fold_part, (self._fresh(), st.st_ino, a, b)) for a, b in ranges[1:]
                         ]
                         self._fold_range(f, *ranges[0])
-                        for cell in self._cells.values():  # while the workers may still be folding theirs
-                            cell.sort_samples()
+                        self._sort_cells()  # while the workers may still be folding theirs
                         parts = [p.get() for p in pending]
                     for part in parts:
                         self._absorb(part)
@@ -746,7 +749,7 @@ class RunSummary:
             return
         call, obj = taken
         self._combined = None
-        key = self._cell_key(call) if self.specs else None
+        key = self._cell_key(call)
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = Stats(self.samples)
@@ -754,9 +757,8 @@ class RunSummary:
         if self._whatif is not None and self.repricer is not None:
             repriced = self.repricer.price(obj)
             self._whatif.add(call.cost_usd, repriced)
-            for spec in self.specs:
+            for spec, group_key in zip(self.specs, (key,) if len(self.specs) == 1 else key, strict=True):
                 groups = self._whatif_groups[spec]
-                group_key = _group_key(spec, call)
                 whatif = groups.get(group_key)
                 if whatif is None:
                     whatif = groups[group_key] = WhatIf()
@@ -858,8 +860,7 @@ def _fold_part(summary: RunSummary, ino: int, start: int, end: int) -> RunSummar
         if os.fstat(f.fileno()).st_ino != ino:
             raise RunNotFound(f"{summary.path} was replaced while it was read")
         summary._fold_range(f, start, end)
-    for cell in summary._cells.values():
-        cell.sort_samples()
+    summary._sort_cells()
     summary._combined = None
     return summary
 
