@@ -36,18 +36,18 @@ _MARKER = re.compile(rb'"(?:usage|finish_reason)"\s*+:\s*+(?!null)|"(?:error|too
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
-def _suspect_at(chunk: bytes) -> int:
-    """Where the first byte is at which _routine_read would give up on a read: a marker, [DONE], CR, a backslash
-    or non-ASCII; -1 when there is none. Separate searches: one regex of them all tried its alternatives at every
-    byte, some 170 instructions a byte."""
+def _suspect_at(chunk: bytes, start: int = 0) -> int:
+    """Where, from start, the first byte is that an unparsed count must stop at: a marker, [DONE], CR, a
+    backslash or non-ASCII; -1 when there is none. Separate searches: one regex of them all tried its
+    alternatives at every byte, some 170 instructions a byte."""
     cut = len(chunk)
     for needle in (b"[DONE]", b"\\", b"\r"):
-        at = chunk.find(needle, 0, cut)
+        at = chunk.find(needle, start, cut)
         if at >= 0:
             cut = at
-    if not chunk.isascii() and (m := _NON_ASCII.search(chunk, 0, cut)) is not None:
+    if not chunk.isascii() and (m := _NON_ASCII.search(chunk, start, cut)) is not None:
         cut = m.start()
-    if (m := _MARKER.search(chunk)) is not None and m.start() < cut:
+    if (m := _MARKER.search(chunk, start)) is not None and m.start() < cut:
         cut = m.start()
     return cut if cut < len(chunk) else -1
 
@@ -111,7 +111,7 @@ class Meter:
         self._line = b""
         """Chat/completions: bytes of a content chunk that are not text; -1 until measured."""
         self._template: tuple[bytes, bytes] | None = None
-        """Chat/completions: the read of the first content chunk around its text (see _templated)."""
+        """Chat/completions: the read of the first content chunk around its text (see _templated_head)."""
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -151,9 +151,9 @@ class Meter:
         aligned = not self.decoder.pending
         head = 0
         if aligned and self._overhead >= 0:
-            if self._templated(chunk) or self._routine_read(chunk):
+            head = self._routine_events(chunk, self._templated_head(chunk))
+            if head == len(chunk):
                 return chunk
-            head = self._templated_head(chunk) or self._routine_head(chunk)
         events = self.decoder.feed(chunk[head:] if head else chunk)
         if not self.strip_usage:
             for ev in events:
@@ -164,29 +164,15 @@ class Meter:
             return chunk  # the chunk was whole events and none was dropped: no copy needed
         return chunk[:head] + b"".join(kept)
 
-    def _templated(self, chunk: bytes) -> bool:
-        """Count a read that is the first content chunk with other text: no search, no decoding.
-
-        An upstream writes every content delta of a stream from one template (same id, created, model);
-        a read that starts and ends as the first one did, with only ASCII between them and no quote,
-        backslash or LF, is that same JSON with another string: the string is its output.
-        """
-        template = self._template
-        if template is None:
-            return False
-        head, tail = template
-        if not (chunk.startswith(head) and chunk.endswith(tail)) or len(chunk) < len(head) + len(tail):
-            return False
-        text = chunk[len(head) : len(chunk) - len(tail)]
-        if not text.isascii() or b'"' in text or b"\\" in text or b"\n" in text:
-            return False
-        self.events += 1
-        self.output_chars += len(text)
-        return True
-
     def _templated_head(self, chunk: bytes) -> int:
-        """Count the events a read starts with that are each the template with other text (as _templated
-        checks one); return their length. A fast upstream's reads hold many deltas, then its final events."""
+        """Count the events a read starts with that are the first content chunk with other text (no search, no
+        decoding); return their length. Most reads are one such event; a fast upstream's hold many, then its
+        final events.
+
+        An upstream writes every content delta of a stream from one template (same id, created, model); an
+        event that starts and ends as the first one did, with only ASCII between them and no quote, backslash
+        or LF, is that same JSON with another string: the string is its output.
+        """
         template = self._template
         if template is None:
             return 0
@@ -219,48 +205,33 @@ class Meter:
                     self._template = (head, tail)
                 return
 
-    def _routine_read(self, chunk: bytes, scanned: bool = False) -> bool:
-        """Count a read of whole plain content events without decoding them; False if any needs a parse.
+    def _routine_events(self, chunk: bytes, start: int) -> int:
+        """Count, without decoding, the whole routine content events from start (an event's start) up to the
+        event holding the first byte that needs a parse, or to the end; return where they stop (start: none).
 
-        Most reads of a stream are one routine content delta each; building Events and searching each
-        one costs more than all else the meter does. The checks run once over the whole read, and what
-        they let through is exactly what _event would count unparsed: one-line ``data: `` events, ASCII
-        without escapes, no marker (a JSON string cannot forge one), no [DONE], no empty data.
+        What is counted is exactly what _event would count unparsed: one-line ``data: `` events, ASCII
+        without escapes, no marker (a JSON string cannot forge one), no [DONE], no empty data. The read a
+        stream ends with often holds its last deltas together with the finish, usage and [DONE] events:
+        only from the first of those on is decoded.
         """
-        if not chunk.endswith(b"\n\n") or (not scanned and (
-                not _plain(chunk) or b"\r" in chunk or b"[DONE]" in chunk or _MARKER.search(chunk) is not None)):
-            return False  # fmt: skip
-        n = chunk.count(b"\n\n")
-        if chunk.count(b"\n") != 2 * n:
-            return False  # a multi-line event (event:, comments...) or stray blank lines: the decoder reads it
+        suspect = _suspect_at(chunk, start)
+        end = len(chunk) if suspect < 0 else chunk.rfind(b"\n\n", start, suspect) + 2
+        if end < start + 2 or not chunk.endswith(b"\n\n", start, end):
+            return start
+        n = chunk.count(b"\n\n", start, end)
+        if chunk.count(b"\n", start, end) != 2 * n:
+            return start  # a multi-line event (event:, comments...) or stray blank lines: the decoder reads it
         overhead = self._overhead + 8  # b"data: " before the JSON, the blank line after it
-        chars = start = 0
-        while start < len(chunk):
-            stop = chunk.find(b"\n\n", start) + 2
-            if stop - start <= 8 or not chunk.startswith(b"data: ", start):
-                return False
-            chars += max(stop - start - overhead, 0)
-            start = stop
+        chars = 0
+        at = start
+        while at < end:
+            stop = chunk.find(b"\n\n", at, end) + 2
+            if stop - at <= 8 or not chunk.startswith(b"data: ", at):
+                return start
+            chars += max(stop - at - overhead, 0)
+            at = stop
         self.events += n
         self.output_chars += chars
-        return True
-
-    def _routine_head(self, chunk: bytes) -> int:
-        """Count the whole routine content events a read starts with, when what follows them is not routine;
-        return their length (0: none counted, the whole read is decoded).
-
-        The read a stream ends with often holds its last content deltas together with the finish, usage and
-        [DONE] events (and a fast upstream's whole stream may come in one or two reads): only the part from
-        the event holding the first suspect byte on is decoded.
-        """
-        suspect = _suspect_at(chunk)
-        if suspect < 0:
-            return 0  # _routine_read refused it for something else (a multi-line event, a torn end)
-        end = chunk.rfind(b"\n\n", 0, suspect) + 2
-        # Nothing _routine_read looks for starts before end (the searches found the first of each), so it
-        # needs only check the events' shape there.
-        if end < 2 or not self._routine_read(chunk[:end], scanned=True):
-            return 0
         return end
 
     def finish(self, now: float) -> bytes:
