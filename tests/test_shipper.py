@@ -7,6 +7,7 @@ one shipper per runs dir. PostgreSQL-specific behaviour is in tests/test_pg.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import time
@@ -102,6 +103,17 @@ def shipping(runs: Path, receiver: Receiver, **kw: Any) -> Shipping:
     return Shipping(runs, [Shipper(runs, WebhookDestination(cfg), cfg.batch_size, cfg.interval_s, 0.05)], 60.0)
 
 
+@contextlib.asynccontextmanager
+async def running(runs: Path, receiver: Receiver, **kw: Any) -> AsyncIterator[Shipping]:
+    """A started Shipping to the receiver, closed on the way out whatever the test asserted."""
+    s = shipping(runs, receiver, **kw)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 def write_records(path: Path, ids: list[str], tail: bytes = b"") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab") as f:
@@ -182,12 +194,8 @@ def proxy_shipping_key() -> Any:
 async def test_signature_is_hmac_sha256_over_timestamp_and_body(receiver: Receiver, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_records(runs / "a.jsonl", ["r1", "r2"])
-    s = shipping(runs, receiver)
-    await s.start()
-    try:
+    async with running(runs, receiver):
         await receiver.wait(lambda: len(receiver.delivered) == 2)
-    finally:
-        await s.close()
     header, raw = receiver.signatures[0], receiver.attempts[0][2]
     t = header.split(",")[0].removeprefix("t=")
     mac = hmac.new(SECRET.encode(), f"{t}.".encode() + raw, hashlib.sha256).hexdigest()
@@ -202,15 +210,11 @@ async def test_a_redirect_is_a_failure_and_never_followed(receiver: Receiver, tm
     runs = tmp_path / "runs"
     write_records(runs / "a.jsonl", ["r1"])
     receiver.mode = "307"
-    s = shipping(runs, receiver)
-    await s.start()
-    try:
+    async with running(runs, receiver) as s:
         await receiver.wait(lambda: len(receiver.attempts) >= 2)
         assert s.shippers[0].status.failing is not None and "HTTP 307" in s.shippers[0].status.failing.error
         receiver.mode = "ok"
         await receiver.wait(lambda: receiver.ids() == ["r1"])
-    finally:
-        await s.close()
     assert receiver.redirect_hits == 0
 
 
@@ -221,9 +225,7 @@ async def test_torn_last_line_waits_for_its_newline(receiver: Receiver, tmp_path
     runs = tmp_path / "runs"
     third = make_record(request_id="r3", run_id="a").to_json()
     write_records(runs / "a.jsonl", ["r1", "r2"], tail=third[:40])
-    s = shipping(runs, receiver)
-    await s.start()
-    try:
+    async with running(runs, receiver) as s:
         await receiver.wait(lambda: receiver.ids() == ["r1", "r2"])
         status = s.shippers[0].status
         scans = status.scans
@@ -232,8 +234,6 @@ async def test_torn_last_line_waits_for_its_newline(receiver: Receiver, tmp_path
         with (runs / "a.jsonl").open("ab") as f:
             f.write(third[40:])
         await receiver.wait(lambda: receiver.ids() == ["r1", "r2", "r3"])
-    finally:
-        await s.close()
 
 
 async def test_lines_that_are_not_records_are_skipped_and_counted(receiver: Receiver, tmp_path: Path) -> None:
@@ -243,13 +243,9 @@ async def test_lines_that_are_not_records_are_skipped_and_counted(receiver: Rece
     junk = [b'{"ts": "x", "request_id": "torn-fragm\n', b"[1, 2]\n", b'{"no_id": 1}\n', b"\n",
             b'{"request_id": 5}\n', b'{"request_id": "' + b"x" * 300 + b'"}\n', b"\xff\xfe not json\n"]  # fmt: skip
     (runs / "a.jsonl").write_bytes(good[0] + b"".join(junk) + good[1] + good[2])
-    s = shipping(runs, receiver)
-    await s.start()
-    try:
+    async with running(runs, receiver) as s:
         await receiver.wait(lambda: len(receiver.delivered) == 3)
         await wait_for(lambda: s.shippers[0].status.skipped == len(junk))
-    finally:
-        await s.close()
     assert receiver.ids() == ["r0", "r1", "r2"]
 
 
@@ -268,17 +264,13 @@ async def test_files_that_appear_later_and_many_runs(receiver: Receiver, tmp_pat
         want += ids
     write_records(runs / ".rejected.jsonl", ["rej-1"])
     write_records(runs / ".other.jsonl", ["never"])  # a dot-file that is not the rejected calls' file
-    s = shipping(runs, receiver, batch_size=25)
-    await s.start()
-    try:
+    async with running(runs, receiver, batch_size=25) as s:
         await receiver.wait(lambda: len(receiver.delivered) >= len(want) + 1)
         write_records(runs / "late.jsonl", ["late-1", "late-2"])
         await receiver.wait(lambda: len(receiver.delivered) >= len(want) + 3)
         status = s.shippers[0].status
         scans = status.scans
         await wait_for(lambda: status.scans >= scans + 2)
-    finally:
-        await s.close()
     got = receiver.ids()
     assert sorted(got) == sorted([*want, "rej-1", "late-1", "late-2"]) and len(got) == len(set(got))
     assert all(len(orjson.loads(b)["records"]) <= 25 for _, _, b in receiver.attempts)
@@ -311,15 +303,11 @@ async def test_restart_resumes_from_the_persisted_positions(receiver: Receiver, 
 async def test_a_truncated_or_replaced_file_is_shipped_from_its_start(receiver: Receiver, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_records(runs / "a.jsonl", ["r1", "r2"])
-    s = shipping(runs, receiver)
-    await s.start()
-    try:
+    async with running(runs, receiver):
         await receiver.wait(lambda: len(receiver.delivered) == 2)
         (runs / "a.jsonl").unlink()
         write_records(runs / "a.jsonl", ["n1"])
         await receiver.wait(lambda: receiver.ids() == ["r1", "r2", "n1"])
-    finally:
-        await s.close()
 
 
 async def test_one_process_ships_per_runs_dir_the_other_stands_by(receiver: Receiver, tmp_path: Path) -> None:
